@@ -188,3 +188,15 @@ def test_custom_bad_inputs(tmp_path):
         load_task("custom", "validation", custom=spec("tr.csv"))
     with pytest.raises(DataError, match="needs `custom="):
         load_task("custom", "train")
+
+
+def test_sst2_dir_skips_or_fails_when_data_absent(tmp_path, monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(conftest, "GLUE_DIR", tmp_path)
+    monkeypatch.delenv("HFL_REQUIRE_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="real GLUE SST-2 data not found"):
+        conftest.sst2_dir()
+    monkeypatch.setenv("HFL_REQUIRE_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="HFL_REQUIRE_DATA=1 but real GLUE SST-2"):
+        conftest.sst2_dir()

@@ -1,0 +1,73 @@
+"""Local training on one simulated device: the loss, one optimizer step, E steps under ``lax.scan``.
+
+The trainable state of a device is ``{"lora": LoRA, "head": head_params}``;
+the frozen base parameters (everything but ``"head"``) are a separate argument
+that is broadcast, never copied per device. Fine-tuning depth is static: it
+cuts the backward pass (``stop_gradient`` below the top ``depth`` layers) and
+masks the optimizer's updates (:func:`hfl_jax.models.lora.depth_masked`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hfl_jax.models.encoder import EncoderModel
+from hfl_jax.models.lora import depth_masked
+
+Array = jax.Array
+Batch = Mapping[str, Array]  # input_ids/attention_mask/token_type_ids [B, T], labels [B], mask [B] bool
+
+
+class StepMetrics(NamedTuple):
+    loss: Array      # [] mean cross-entropy over the real (masked-in) examples
+    correct: Array   # [] number of correct predictions
+    count: Array     # [] number of real examples
+
+
+def base_of(params: Mapping[str, Any]) -> dict:
+    """The frozen part of a parameter tree (everything except the head)."""
+    return {k: v for k, v in params.items() if k != "head"}
+
+
+def make_loss_fn(model: EncoderModel, depth: int) -> Callable:
+    """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at static ``depth``.
+
+    Examples with ``batch["mask"] == False`` (padding) contribute nothing; a batch
+    with no real example has loss 0 and zero gradient.
+    """
+
+    def loss_fn(trainable, base, batch):
+        params = {**base, "head": trainable["head"]}
+        logits = model.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                             lora=trainable["lora"], depth=depth)
+        w = batch["mask"].astype(logits.dtype)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        n = w.sum()
+        loss = (ce * w).sum() / jnp.maximum(n, 1.0)
+        correct = ((jnp.argmax(logits, -1) == batch["labels"]) * w).sum()
+        return loss, StepMetrics(loss, correct, n)
+
+    return loss_fn
+
+
+def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: int) -> optax.GradientTransformation:
+    """The device optimizer at ``depth``: ``inner`` with LoRA updates below the top ``depth`` layers zeroed."""
+    return depth_masked(inner, num_layers, depth)
+
+
+def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation, depth: int) -> Callable:
+    """``step(trainable, opt_state, base, batch) -> (trainable, opt_state, StepMetrics)``.
+
+    ``optimizer`` should come from :func:`make_optimizer` with the same depth.
+    """
+    grad_fn = jax.grad(make_loss_fn(model, depth), has_aux=True)
+
+    def step(trainable, opt_state, base, batch):
+        grads, metrics = grad_fn(trainable, base, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, metrics
+
+    return step

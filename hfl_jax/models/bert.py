@@ -1,0 +1,120 @@
+"""BERT and RoBERTa: embeddings, classification heads and checkpoint conversion.
+
+Heads match transformers' ``BertForSequenceClassification`` (pooler = dense+tanh
+on the first token, then ``classifier``) and ``RobertaForSequenceClassification``
+(``dense`` + tanh on the first token, then ``out_proj``). Dropout is omitted
+(evaluation semantics; hfl_jax trains without dropout).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hfl_jax.models.config import EncoderConfig
+from hfl_jax.models.convert import Tensors, stack_layers
+from hfl_jax.models.layers import dense_init, layer_norm, padding_bias
+
+Array = jax.Array
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position + token-type embeddings, then LayerNorm.
+
+    RoBERTa numbers positions from ``pad_token_id + 1`` over non-padding tokens
+    (``create_position_ids_from_input_ids`` in transformers).
+    """
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array) -> Array:
+        cfg = self.cfg
+        emb = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=dense_init(cfg), name=name)
+        if cfg.model_type == "roberta":
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+        else:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        h = (emb(cfg.vocab_size, "word")(input_ids)
+             + emb(cfg.max_position_embeddings, "position")(positions)
+             + emb(cfg.type_vocab_size, "token_type")(token_type_ids))
+        return layer_norm(cfg, "ln")(h)
+
+
+class PaddingContext(nn.Module):
+    """Per-batch context shared by every layer: the additive padding bias."""
+
+    cfg: EncoderConfig
+
+    def __call__(self, attention_mask: Array, hidden: Array) -> dict[str, Any]:
+        return {"mask_bias": padding_bias(attention_mask, hidden.dtype)}
+
+
+class BertHead(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, attention_mask: Array) -> Array:
+        init = dense_init(self.cfg)
+        pooled = jnp.tanh(nn.Dense(self.cfg.hidden_size, kernel_init=init, name="pooler")(hidden[:, 0]))
+        return nn.Dense(self.cfg.num_labels, kernel_init=init, name="classifier")(pooled)
+
+
+class RobertaHead(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, attention_mask: Array) -> Array:
+        init = dense_init(self.cfg)
+        x = jnp.tanh(nn.Dense(self.cfg.hidden_size, kernel_init=init, name="dense")(hidden[:, 0]))
+        return nn.Dense(self.cfg.num_labels, kernel_init=init, name="out_proj")(x)
+
+
+def convert_layer(t: Tensors, i: int) -> dict:
+    """HF ``encoder.layer.{i}`` -> :class:`hfl_jax.models.layers.Block` parameters."""
+    p = f"encoder.layer.{i}."
+    return {
+        "attention": {n: t.linear(p + f"attention.self.{n}") for n in ("query", "key", "value")},
+        "attention_output": t.linear(p + "attention.output.dense"),
+        "attention_ln": t.layer_norm(p + "attention.output.LayerNorm"),
+        "intermediate": t.linear(p + "intermediate.dense"),
+        "output": t.linear(p + "output.dense"),
+        "output_ln": t.layer_norm(p + "output.LayerNorm"),
+    }
+
+
+def convert_base(t: Tensors, cfg: EncoderConfig) -> dict:
+    """Embeddings and stacked layers of a BERT or RoBERTa checkpoint."""
+    e = "embeddings."
+    return {
+        "embeddings": {
+            "word": {"embedding": t.get(e + "word_embeddings.weight")},
+            "position": {"embedding": t.get(e + "position_embeddings.weight")},
+            "token_type": {"embedding": t.get(e + "token_type_embeddings.weight")},
+            "ln": t.layer_norm(e + "LayerNorm"),
+        },
+        "extras": {},
+        "layers": stack_layers(cfg.num_layers, lambda i: convert_layer(t, i)),
+    }
+
+
+def convert_head(t: Tensors, cfg: EncoderConfig) -> dict | None:
+    """The sequence-classification head, or ``None`` when the checkpoint has none.
+
+    A BERT checkpoint with a pooler but no classifier (e.g. a bare ``BertModel``)
+    returns the pooler only; the loader initialises the classifier.
+    """
+    if cfg.model_type == "roberta":
+        if not t.has("classifier.out_proj.weight", base=False):
+            return None
+        return {"dense": t.linear("classifier.dense", base=False),
+                "out_proj": t.linear("classifier.out_proj", base=False)}
+    head = {}
+    if t.has("pooler.dense.weight"):
+        head["pooler"] = t.linear("pooler.dense")
+    if t.has("classifier.weight", base=False):
+        head["classifier"] = t.linear("classifier", base=False)
+    return head or None

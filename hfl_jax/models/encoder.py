@@ -1,0 +1,172 @@
+"""The encoder model: families, parameter layout, and the depth-aware forward pass.
+
+Parameters are a plain nested dict::
+
+    params = {
+        "embeddings": {...},   # family-specific
+        "extras":     {...},   # encoder-level tensors shared by all layers (DeBERTa's relative embeddings)
+        "layers":     {...},   # one Block's tree, every leaf stacked on a leading axis [L, ...]
+        "head":       {...},   # sequence-classification head (trainable)
+    }
+
+The layer loop is a ``lax.scan`` over the stacked axis, so a fine-tuning depth
+``d`` is a static slice: the bottom ``L - d`` layers run under
+``lax.stop_gradient`` (no backward pass through them at all) and the top ``d``
+layers run with gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hfl_jax.models import bert
+from hfl_jax.models.config import EncoderConfig
+from hfl_jax.models.layers import Block, SelfAttention
+from hfl_jax.models.lora import LoRA
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What distinguishes one encoder family from another.
+
+    embeddings(cfg)(input_ids, token_type_ids, attention_mask) -> [B, T, H]
+    context(cfg)(attention_mask, hidden) -> pytree passed to every layer
+    attention(cfg)(h, ctx, lora_layer, scale) -> [B, T, H] context before the output projection
+    head(cfg)(hidden, attention_mask) -> [B, num_labels]
+    convert_base(tensors, cfg) -> params without "head"; convert_head(tensors, cfg) -> head or None
+    """
+
+    embeddings: type[nn.Module]
+    context: type[nn.Module]
+    attention: type[nn.Module]
+    head: type[nn.Module]
+    convert_base: Callable
+    convert_head: Callable
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family(bert.BertEmbeddings, bert.PaddingContext, SelfAttention, bert.BertHead,
+                   bert.convert_base, bert.convert_head),
+    "roberta": Family(bert.BertEmbeddings, bert.PaddingContext, SelfAttention, bert.RobertaHead,
+                      bert.convert_base, bert.convert_head),
+}
+
+
+def register_family(model_type: str, family: Family) -> None:
+    """Adds an encoder family (used by :mod:`hfl_jax.models.deberta`)."""
+    FAMILIES[model_type] = family
+
+
+def family_of(cfg: EncoderConfig) -> Family:
+    try:
+        return FAMILIES[cfg.model_type]
+    except KeyError:
+        raise ValueError(f"no encoder family registered for model_type {cfg.model_type!r}") from None
+
+
+def _slice_layers(tree, start: int, stop: int):
+    return jax.tree.map(lambda x: x[start:stop], tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderModel:
+    """A stateless encoder + classification head. Hashable, so usable as a static argument.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs the frozen weights' matrix
+    products in that dtype; parameters, LoRA and the head stay float32.
+    ``unroll`` is passed to the layer ``lax.scan``.
+    """
+
+    cfg: EncoderConfig
+    compute_dtype: Any = None
+    unroll: int | bool = 1  # lax.scan unroll over layers; True unrolls fully (XLA cost analysis counts loops once)
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.cfg)
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def _modules(self):
+        f, cfg = self.family, self.cfg
+        return (f.embeddings(cfg), f.context(cfg),
+                Block(cfg, attention_cls=f.attention, compute_dtype=self.compute_dtype), f.head(cfg))
+
+    def init(self, rng: Array, seq_len: int = 8) -> Params:
+        """Random parameters (HF-style normal(0, initializer_range) init), layers stacked."""
+        emb, ctx_mod, block, head = self._modules()
+        k_emb, k_ctx, k_layers, k_head = jax.random.split(rng, 4)
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        mask = jnp.ones((1, seq_len), jnp.int32)
+        p_emb = emb.init(k_emb, ids, ids, mask)
+        h = emb.apply(p_emb, ids, ids, mask)
+        p_ctx = ctx_mod.init(k_ctx, mask, h)
+        ctx = ctx_mod.apply(p_ctx, mask, h)
+        p_layers = jax.vmap(lambda k: block.init(k, h, ctx, {}, 1.0))(
+            jax.random.split(k_layers, self.cfg.num_layers))
+        p_head = head.init(k_head, h, mask)
+        get = lambda v: dict(v.get("params", {}))
+        return {"embeddings": get(p_emb), "extras": get(p_ctx), "layers": get(p_layers), "head": get(p_head)}
+
+    def init_head(self, rng: Array) -> Params:
+        """A fresh classification head."""
+        h = jnp.zeros((1, 1, self.cfg.hidden_size))
+        return dict(self.family.head(self.cfg).init(rng, h, jnp.ones((1, 1), jnp.int32))["params"])
+
+    def hidden_states(self, params: Params, input_ids: Array, attention_mask: Array,
+                      token_type_ids: Array | None = None, lora: LoRA | None = None,
+                      depth: int | None = None) -> Array:
+        """Last hidden states ``[B, T, H]``.
+
+        ``depth`` (static int, default all layers): only the top ``depth`` layers
+        are differentiated; gradients stop at their input.
+        """
+        emb, ctx_mod, block, _ = self._modules()
+        L = self.cfg.num_layers
+        depth = L if depth is None else int(depth)
+        if not 0 <= depth <= L:
+            raise ValueError(f"depth must be in [0, {L}], got {depth}")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        h = emb.apply({"params": params["embeddings"]}, input_ids, token_type_ids, attention_mask)
+        ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+        weights = lora.weights if lora is not None else {}
+        scale = lora.scale if lora is not None else 1.0
+
+        def run(h, start, stop):
+            def body(h, xs):
+                layer_params, layer_lora = xs
+                return block.apply({"params": layer_params}, h, ctx, layer_lora, scale), None
+            xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
+            return jax.lax.scan(body, h, xs, unroll=self.unroll)[0]
+
+        split = L - depth
+        if split > 0:
+            h = jax.lax.stop_gradient(run(h, 0, split))
+        if depth > 0:
+            h = run(h, split, L)
+        return h
+
+    def apply(self, params: Params, input_ids: Array, attention_mask: Array,
+              token_type_ids: Array | None = None, lora: LoRA | None = None, *,
+              depth: int | None = None, return_hidden: bool = False):
+        """Classification logits ``[B, num_labels]`` (and hidden states if ``return_hidden``).
+
+        Args:
+          params: base parameters including ``"head"``.
+          input_ids, attention_mask, token_type_ids: ``[B, T]`` int arrays.
+          lora: optional :class:`~hfl_jax.models.lora.LoRA` adapters.
+          depth: static fine-tuning depth; see :meth:`hidden_states`.
+        """
+        hidden = self.hidden_states(params, input_ids, attention_mask, token_type_ids, lora, depth)
+        logits = self.family.head(self.cfg).apply({"params": params["head"]}, hidden, attention_mask)
+        return (logits, hidden) if return_hidden else logits

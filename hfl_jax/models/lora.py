@@ -1,0 +1,132 @@
+"""Pure-functional LoRA: adapters as their own pytree, merging, and depth masks.
+
+For a frozen projection ``y = x W`` (``W: [in, out]``) LoRA adds
+``scale * (x A) B`` with ``A: [in, r]``, ``B: [r, out]`` and ``scale = alpha / r``
+(Hu et al., 2021). ``B`` starts at zero, so an untrained adapter leaves the
+model unchanged. Layout, for the stacked layers of an ``L``-layer encoder::
+
+    LoRA.weights = {target: {"A": [L, in, r], "B": [L, r, out]}}
+
+Conversion to/from PEFT: ``A = lora_A.weight.T`` and ``B = lora_B.weight.T``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hfl_jax.models.config import EncoderConfig
+
+Array = jax.Array
+
+TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+# Where each target's frozen kernel lives inside one layer's parameters.
+TARGET_PATHS = {
+    "query": ("attention", "query"),
+    "key": ("attention", "key"),
+    "value": ("attention", "value"),
+    "attention_output": ("attention_output",),
+    "intermediate": ("intermediate",),
+    "output": ("output",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Which projections get adapters, their rank and alpha (scale = alpha / rank)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets must be a non-empty subset of {TARGETS}, got {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@flax.struct.dataclass
+class LoRA:
+    """LoRA adapters for every layer. ``weights[target]["A"]: [L, in, r]``, ``["B"]: [L, r, out]``.
+
+    ``scale`` is static (part of the tree structure, not a leaf).
+    """
+
+    weights: dict[str, dict[str, Array]]
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.weights.values()))["A"].shape[-1]
+
+
+def target_dims(cfg: EncoderConfig, target: str) -> tuple[int, int]:
+    """(in, out) features of a target projection."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    return {"intermediate": (H, I), "output": (I, H)}.get(target, (H, H))
+
+
+def init_lora(rng: Array, cfg: EncoderConfig, lora_cfg: LoRAConfig, dtype=jnp.float32) -> LoRA:
+    """Fresh adapters: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (PEFT's kaiming-uniform(a=sqrt 5)), ``B = 0``."""
+    weights = {}
+    for i, t in enumerate(lora_cfg.targets):
+        d_in, d_out = target_dims(cfg, t)
+        bound = 1.0 / np.sqrt(d_in)
+        A = jax.random.uniform(jax.random.fold_in(rng, i), (cfg.num_layers, d_in, lora_cfg.rank), dtype,
+                               -bound, bound)
+        weights[t] = {"A": A, "B": jnp.zeros((cfg.num_layers, lora_cfg.rank, d_out), dtype)}
+    return LoRA(weights=weights, scale=lora_cfg.scale)
+
+
+def _get(tree: Mapping, path: Sequence[str]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def merge_lora(params: dict, lora: LoRA) -> dict:
+    """Plain weights whose outputs equal the adapted model: ``W + scale * A B`` per layer."""
+    layers = jax.tree.map(lambda x: x, params["layers"])  # new containers, shared leaves
+    for t, ab in lora.weights.items():
+        node = _get(layers, TARGET_PATHS[t])
+        node["kernel"] = node["kernel"] + lora.scale * jnp.einsum("lir,lro->lio", ab["A"], ab["B"])
+    return {**params, "layers": layers}
+
+
+def layer_mask(num_layers: int, depth: int) -> np.ndarray:
+    """``[L]`` bool, True for the top ``depth`` layers (the ones that are fine-tuned)."""
+    if not 0 <= depth <= num_layers:
+        raise ValueError(f"depth must be in [0, {num_layers}], got {depth}")
+    return np.arange(num_layers) >= num_layers - depth
+
+
+def mask_layers(tree: Any, mask: Array) -> Any:
+    """Zeroes every LoRA leaf ``[L, ...]`` where ``mask[L]`` is False."""
+    return jax.tree.map(lambda x: x * mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), tree)
+
+
+def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: int) -> optax.GradientTransformation:
+    """Wraps an optimizer for a ``{"lora": LoRA, "head": ...}`` trainable tree so that
+    LoRA updates below the top ``depth`` layers are exactly zero (the head is always trained).
+
+    Together with the ``stop_gradient`` cut in the forward pass this makes the frozen
+    layers' adapters bit-identical across steps, whatever the optimizer's state holds.
+    """
+    mask = jnp.asarray(layer_mask(num_layers, depth))
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        return {**updates, "lora": mask_layers(updates["lora"], mask)}, state
+
+    return optax.GradientTransformation(inner.init, update)

@@ -1,0 +1,105 @@
+"""Tokenization: pair encoding per model family, padding/truncation, the npz cache, aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hfl_jax.data.tokenize as tok_mod
+from hfl_jax.data import TextDataset, load_tokenizer, resolve_tokenizer, tokenize_dataset
+
+# ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 the=5 cat=6 sat=7 dog=8 ran=9
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran"]
+
+
+def tiny_bert(tmp_path: Path, vocab=VOCAB):
+    """A WordPiece BERT tokenizer from a vocab file written to tmp_path."""
+    from transformers import BertTokenizerFast
+
+    path = tmp_path / f"vocab{len(vocab)}.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    # transformers >= 5 takes the file as `vocab=`; `vocab_file=` is silently ignored there
+    tok = BertTokenizerFast(vocab=str(path))
+    assert tok.vocab_size == len(vocab)
+    return tok
+
+
+def tiny_roberta():
+    """A byte-level BPE RoBERTa tokenizer over single letters (no merges)."""
+    from transformers import RobertaTokenizerFast
+
+    toks = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + list("abcdefghijklmnopqrstuvwxyz")
+    return RobertaTokenizerFast(vocab={t: i for i, t in enumerate(toks)}, merges=[])
+
+
+def ds(a, b=None, labels=None):
+    labels = np.arange(len(a)) % 2 if labels is None else np.asarray(labels)
+    return TextDataset(text_a=list(a), text_b=None if b is None else list(b),
+                       labels=labels.astype(np.int64), label_names=("n", "p"), source="test")
+
+
+def test_bert_pair_has_token_types(tmp_path):
+    out = tokenize_dataset(ds(["the cat", "dog"], ["dog ran", "the sat cat"], [1, 0]),
+                           tiny_bert(tmp_path), max_length=9, cache_dir=tmp_path / "c")
+    assert out["input_ids"].tolist() == [[2, 5, 6, 3, 8, 9, 3, 0, 0],
+                                         [2, 8, 3, 5, 7, 6, 3, 0, 0]]
+    assert out["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 0, 0],
+                                              [0, 0, 0, 1, 1, 1, 1, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1] * 7 + [0] * 2] * 2
+    assert out["labels"].tolist() == [1, 0]
+    assert all(v.dtype == np.int32 for v in out.values())
+
+
+def test_bert_single_and_truncation(tmp_path):
+    out = tokenize_dataset(ds(["the cat sat the dog ran", "dog"]), tiny_bert(tmp_path),
+                           max_length=5, cache_dir=tmp_path / "c")
+    assert out["input_ids"].tolist() == [[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]]
+    assert out["token_type_ids"].tolist() == [[0] * 5] * 2
+
+
+def test_roberta_pair_uses_separators_and_zero_type_ids(tmp_path):
+    out = tokenize_dataset(ds(["ab"], ["c"]), tiny_roberta(), max_length=8, cache_dir=tmp_path)
+    # <s> a b </s></s> c </s> <pad>
+    assert out["input_ids"].tolist() == [[0, 5, 6, 2, 2, 7, 2, 1]]
+    assert out["attention_mask"].tolist() == [[1] * 7 + [0]]
+    assert out["token_type_ids"].tolist() == [[0] * 8]
+
+
+def test_cache_hit_skips_tokenizing(tmp_path, monkeypatch):
+    calls = []
+    real = tok_mod.encode
+    monkeypatch.setattr(tok_mod, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok, d = tiny_bert(tmp_path), ds(["the cat", "dog"], ["ran", "sat"])
+    first = tokenize_dataset(d, tok, 8, cache_dir=tmp_path / "c")
+    second = tokenize_dataset(d, tok, 8, cache_dir=tmp_path / "c")
+    assert len(calls) == 1 and len(list((tmp_path / "c").glob("*.npz"))) == 1
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    tokenize_dataset(d, tok, 6, cache_dir=tmp_path / "c")                   # other max_length
+    tokenize_dataset(ds(["the cat", "dog"], ["ran", "dog"]), tok, 8, cache_dir=tmp_path / "c")  # other data
+    other = tiny_bert(tmp_path, VOCAB[:5] + ["dog", "cat", "the", "sat", "ran"])  # same size, other vocab
+    tokenize_dataset(d, other, 8, cache_dir=tmp_path / "c")
+    assert len(calls) == 4 and len(list((tmp_path / "c").glob("*.npz"))) == 4
+    monkeypatch.setenv("HFL_CACHE_DIR", str(tmp_path / "env"))             # env default location
+    tokenize_dataset(d, tok, 8)
+    assert len(list((tmp_path / "env").glob("*.npz"))) == 1
+
+
+def test_minilm_alias_offline(tmp_path):
+    path = Path(resolve_tokenizer("minilm-l6"))
+    assert (path / "vocab.txt").is_file() and path.name == "model"
+    assert resolve_tokenizer("bert-base-uncased") == "bert-base-uncased"
+    out = tokenize_dataset(ds(["hello world"], ["a b"]), "minilm-l6", 10, cache_dir=tmp_path)
+    assert out["input_ids"][0].tolist() == [101, 7592, 2088, 102, 1037, 1038, 102, 0, 0, 0]
+    assert out["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert load_tokenizer("minilm-l6").vocab_size == 30522
+
+
+def test_bad_arguments(tmp_path):
+    from hfl_jax.data import DataError
+
+    with pytest.raises(DataError, match="empty dataset"):
+        tokenize_dataset(ds([], labels=[]), tiny_bert(tmp_path), 8, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="max_length"):
+        tokenize_dataset(ds(["the"]), tiny_bert(tmp_path), 1, cache_dir=tmp_path)
