@@ -200,3 +200,24 @@ def test_sst2_dir_skips_or_fails_when_data_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("HFL_REQUIRE_DATA", "1")
     with pytest.raises(pytest.fail.Exception, match="HFL_REQUIRE_DATA=1 but real GLUE SST-2"):
         conftest.sst2_dir()
+
+
+def test_hub_source_is_last_and_maps_columns(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return {"premise": ["p "], "hypothesis": ["h"], "label": [2]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ds = load_task("mnli", "validation", data_dir=tmp_path)
+    assert calls == [("nyu-mll/glue", "mnli", "validation_matched")]
+    assert ds.text_a == ["p"] and ds.text_b == ["h"] and ds.labels.tolist() == [2]
+    assert "Hugging Face hub" in ds.source
+    with pytest.raises(DataNotFoundError, match="disabled"):
+        load_task("mnli", "validation", data_dir=tmp_path, hub=False)
