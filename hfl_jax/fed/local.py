@@ -71,3 +71,34 @@ def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation
         return optax.apply_updates(trainable, updates), opt_state, metrics
 
     return step
+
+
+def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, depth: int,
+                     num_steps: int, batch_size: int, n_max: int) -> Callable:
+    """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
+
+    Returns ``local_train(trainable, base, data_row, round_key, device_id) -> (trainable, StepMetrics[E])``
+    where ``data_row`` is one device's :class:`~hfl_jax.data.DeviceData` slice (no device axis).
+    Batches come from :func:`~hfl_jax.data.sample_batch_indices` keyed by
+    ``fold_in(round_key, device_id)``, so a device's trajectory does not depend on
+    which other devices run beside it. The optimizer state starts fresh each local
+    round (local Adam/SGD re-initialised, as in FedAvg-style LoRA fine-tuning).
+    """
+    from hfl_jax.data import gather_batches, sample_batch_indices
+
+    opt = make_optimizer(inner, model.num_layers, depth)
+    step = make_train_step(model, opt, depth)
+
+    def local_train(trainable, base, data_row, round_key, device_id):
+        idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)
+        batches = dict(gather_batches(data_row, idx), mask=mask)
+
+        def body(carry, batch):
+            tr, st = carry
+            tr, st, metrics = step(tr, st, base, batch)
+            return (tr, st), metrics
+
+        (trainable, _), metrics = jax.lax.scan(body, (trainable, opt.init(trainable)), batches)
+        return trainable, metrics
+
+    return local_train

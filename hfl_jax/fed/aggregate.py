@@ -1,0 +1,135 @@
+"""Aggregation as jitted pure functions over pytrees (formulas in docs/aggregation.md).
+
+* :func:`weighted_mean` -- intra-group FedAvg over the device axis, weighted by
+  sample counts, dropping devices whose update is not finite.
+* :func:`layerwise_aggregate` -- HierFedLoRA's global step over groups that
+  trained different depths: each layer is averaged over the groups that trained it.
+* :func:`pad_rank` / :func:`truncate_rank` / :func:`rank_padded_mean` -- the
+  zero-padding aggregation of adapters of different ranks (HetLoRA).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hfl_jax.models.lora import LoRA
+
+Array = jax.Array
+
+
+def all_finite(tree: Any) -> Array:
+    """``[M]`` bool: True where every leaf of device ``m``'s slice is finite."""
+    flags = [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in jax.tree.leaves(tree)]
+    return jnp.stack(flags).all(axis=0)
+
+
+def weighted_mean(tree: Any, weights: Array, fallback: Any | None = None) -> tuple[Any, Array]:
+    """Weighted mean over the leading (device) axis: ``sum_m w_m x_m / sum_m w_m``.
+
+    Devices whose slice contains NaN/Inf get weight 0 (their values are zeroed
+    before the sum, so they cannot poison it). If the total weight is 0 the
+    result is ``fallback`` (or zeros when no fallback is given).
+
+    Args:
+      tree: leaves ``[M, ...]``.
+      weights: ``[M]`` non-negative (e.g. sample counts times participation).
+      fallback: tree without the device axis.
+
+    Returns:
+      ``(mean_tree, finite [M] bool)``.
+    """
+    finite = all_finite(tree)
+    w = jnp.where(finite, weights, 0.0).astype(jnp.float32)
+    total = w.sum()
+
+    def mean(x, fb=None):
+        xs = jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
+        avg = jnp.tensordot(w, xs, axes=1) / jnp.maximum(total, 1e-30)
+        if fb is None:
+            return avg
+        return jnp.where(total > 0, avg, fb)
+
+    if fallback is None:
+        return jax.tree.map(mean, tree), finite
+    return jax.tree.map(mean, tree, fallback), finite
+
+
+def trained_layers(num_layers: int, depths: Array) -> Array:
+    """``[K, L]`` bool: group ``k`` trained layer ``l`` iff ``l >= L - depths[k]``."""
+    return jnp.arange(num_layers)[None, :] >= (num_layers - jnp.asarray(depths))[:, None]
+
+
+def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weights: Array,
+                        prev_lora: LoRA) -> tuple[LoRA, Any]:
+    """HierFedLoRA's global, layer-wise aggregation.
+
+    For each layer ``l``: ``W_l = sum_k w_k 1[l in top d_k] W_{k,l} / sum_k w_k 1[l in top d_k]``;
+    a layer no group trained keeps ``prev_lora``'s value. The head is the
+    ``w``-weighted mean over all groups (every group trains it).
+
+    Args:
+      group_lora: LoRA with leaves ``[K, L, ...]`` (one per group).
+      group_heads: head tree with leaves ``[K, ...]``.
+      depths: ``[K]`` int, each group's fine-tuning depth this round.
+      weights: ``[K]`` sample counts of the groups (0 for a group that skipped the round).
+      prev_lora: the previous global LoRA (leaves ``[L, ...]``).
+    """
+    num_layers = jax.tree.leaves(prev_lora)[0].shape[0]
+    mask = trained_layers(num_layers, depths) & (jnp.asarray(weights) > 0)[:, None]   # [K, L]
+    w = mask * jnp.asarray(weights, jnp.float32)[:, None]                             # [K, L]
+    total = w.sum(0)                                                                   # [L]
+
+    def per_layer(x, prev):
+        avg = jnp.einsum("kl,kl...->l...", w, x) / jnp.maximum(total, 1e-30).reshape((-1,) + (1,) * (x.ndim - 2))
+        keep = (total > 0).reshape((-1,) + (1,) * (x.ndim - 2))
+        return jnp.where(keep, avg, prev)
+
+    lora = jax.tree.map(per_layer, group_lora, prev_lora)
+    head, _ = weighted_mean(group_heads, jnp.asarray(weights, jnp.float32))
+    return lora, head
+
+
+# --- heterogeneous ranks (HetLoRA) -----------------------------------------------------------------
+
+def truncate_rank(lora: LoRA, rank: int) -> LoRA:
+    """Keeps the first ``rank`` components: ``A[..., :r]``, ``B[..., :r, :]`` (HetLoRA's download)."""
+    return LoRA({t: {"A": ab["A"][..., :rank], "B": ab["B"][..., :rank, :]} for t, ab in lora.weights.items()},
+                lora.scale)
+
+
+def pad_rank(lora: LoRA, rank: int) -> LoRA:
+    """Zero-pads the rank dimension up to ``rank``."""
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, rank - x.shape[axis])
+        return jnp.pad(x, widths)
+    return LoRA({t: {"A": pad(ab["A"], -1), "B": pad(ab["B"], -2)} for t, ab in lora.weights.items()},
+                lora.scale)
+
+
+def rank_mask(ranks: Array, max_rank: int) -> Array:
+    """``[M, r_max]`` bool: device ``m`` holds rank components ``< ranks[m]``."""
+    return jnp.arange(max_rank)[None, :] < jnp.asarray(ranks)[:, None]
+
+
+def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array) -> LoRA:
+    """Zero-padding aggregation of adapters with different ranks (HetLoRA).
+
+    ``lora`` leaves are ``[M, L, in, r_max]`` (A) and ``[M, L, r_max, out]`` (B),
+    each device zero-padded beyond its own rank. Rank component ``j`` is the
+    weighted mean over the devices that hold it:
+    ``A[..., j] = sum_m w_m 1[j < r_m] A_m[..., j] / sum_m w_m 1[j < r_m]``
+    (a component nobody holds stays 0). HetLoRA's sparsity weights are passed in
+    ``weights`` (see :mod:`hfl_jax.algos.hetlora`).
+    """
+    r_max = lora.rank
+    wm = rank_mask(ranks, r_max) * jnp.asarray(weights, jnp.float32)[:, None]   # [M, r]
+    total = jnp.maximum(wm.sum(0), 1e-30)                                        # [r]
+    out = {}
+    for t, ab in lora.weights.items():
+        A = jnp.einsum("mr,m...r->...r", wm, ab["A"]) / total
+        B = jnp.einsum("mr,m...ro->...ro", wm, ab["B"]) / total[:, None]
+        out[t] = {"A": A, "B": B}
+    return LoRA(out, lora.scale)

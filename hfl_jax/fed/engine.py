@@ -1,0 +1,80 @@
+"""The federated engine: a whole group's local round as one compiled call, and evaluation.
+
+``make_group_round`` vmaps :func:`hfl_jax.fed.local.make_local_train` over the
+group's devices (through :class:`~hfl_jax.fed.device_axis.DeviceAxis`, which
+shards and chunks the device axis), broadcasting the group's current adapters
+and the frozen base, and aggregates the devices' results in the same call
+(sample-weighted FedAvg, non-finite devices dropped). Compiled once per
+``(depth, E, B, n_max, shapes)`` and reused.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hfl_jax.fed.aggregate import weighted_mean
+from hfl_jax.fed.device_axis import DeviceAxis
+from hfl_jax.fed.local import make_loss_fn, make_local_train
+from hfl_jax.models.encoder import EncoderModel
+
+Array = jax.Array
+
+
+class GroupRoundMetrics(NamedTuple):
+    loss: Array      # [M, E] per-device, per-step training loss
+    count: Array     # [M, E] real examples per step
+    finite: Array    # [M] bool, False where a device's update held NaN/Inf (it was dropped)
+    weight: Array    # [M] aggregation weight actually used
+
+
+@functools.lru_cache(maxsize=64)
+def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, depth: int, num_steps: int,
+                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis()):
+    """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key) -> (trainable, metrics)``.
+
+    Args (of the returned function):
+      trainable: ``{"lora": LoRA, "head": ...}`` the group's current model (broadcast to its devices).
+      base: frozen base parameters (broadcast, never copied per device).
+      data: :class:`~hfl_jax.data.DeviceData` with a leading axis of ``M`` device slots.
+      device_ids: ``[M]`` int32 global device ids (keys are folded in per id).
+      weights: ``[M]`` aggregation weights (sample counts; 0 for absent or padding devices).
+      round_key: PRNG key of this (intra-group) round.
+
+    Returns:
+      the aggregated trainable (unchanged if every weight is 0) and :class:`GroupRoundMetrics`.
+    """
+    local = make_local_train(model, inner, depth, num_steps, batch_size, n_max)
+    mapped = axis.map(local, in_axes=(None, None, 0, None, 0))
+
+    @jax.jit
+    def group_round(trainable, base, data, device_ids, weights, round_key):
+        new, metrics = mapped(trainable, base, data, round_key, device_ids)
+        agg, finite = weighted_mean(new, weights, fallback=trainable)
+        out = GroupRoundMetrics(metrics.loss, metrics.count, finite, jnp.where(finite, weights, 0.0))
+        return agg, axis.constrain(out, sharded=False)
+
+    return group_round
+
+
+@functools.lru_cache(maxsize=8)
+def make_evaluate(model: EncoderModel):
+    """Compiled ``evaluate(params_base, trainable, batches) -> (mean_loss, accuracy)`` over an
+    :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored)."""
+    loss_fn = make_loss_fn(model, model.num_layers)
+
+    @jax.jit
+    def evaluate(trainable, base, batches):
+        def one(batch):
+            b = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            _, m = loss_fn(trainable, base, dict(b, mask=batch["valid"]))
+            return m.loss * m.count, m.correct, m.count
+        arrays = {k: getattr(batches, k) for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "valid")}
+        loss_sum, correct, count = jax.lax.map(one, arrays)
+        n = jnp.maximum(count.sum(), 1.0)
+        return loss_sum.sum() / n, correct.sum() / n
+
+    return evaluate
