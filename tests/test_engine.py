@@ -31,7 +31,7 @@ def test_vmapped_group_round_equals_separate_device_runs():
     group_round = make_group_round(model, OPT, 2, E, B, data.n_max)
     agg, metrics = group_round(trainable, base, data, ids, jnp.asarray(sizes), key)
     local = jax.jit(make_local_train(model, OPT, 2, E, B, data.n_max))
-    singles = [local(trainable, base, data.row(m), key, ids[m]) for m in range(8)]
+    singles = [local(trainable, base, data.row(m), key, ids[m], 2) for m in range(8)]
     for m, (tr, met) in enumerate(singles):
         np.testing.assert_allclose(metrics.loss[m], met.loss, atol=1e-5)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[tr for tr, _ in singles])

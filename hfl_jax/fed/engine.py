@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hfl_jax.fed.aggregate import weighted_mean
+from hfl_jax.fed.aggregate import rank_padded_mean, weighted_mean
 from hfl_jax.fed.device_axis import DeviceAxis
 from hfl_jax.fed.local import make_loss_fn, make_local_train
 from hfl_jax.models.encoder import EncoderModel
@@ -31,10 +31,20 @@ class GroupRoundMetrics(NamedTuple):
     weight: Array    # [M] aggregation weight actually used
 
 
+def update_norms(new: Any, old: Any) -> Array:
+    """``[M]`` HetLoRA sparsity weights: ``sqrt(sum_targets,layers ||A'B' - AB||_F^2)`` per device."""
+    def delta(ab_new, ab_old):
+        return (jnp.einsum("m...ir,m...ro->m...io", ab_new["A"], ab_new["B"])
+                - jnp.einsum("...ir,...ro->...io", ab_old["A"], ab_old["B"])[None])
+    sq = [jnp.square(delta(new["lora"].weights[t], old["lora"].weights[t])).reshape(
+        jax.tree.leaves(new)[0].shape[0], -1).sum(1) for t in new["lora"].weights]
+    return jnp.sqrt(sum(sq))
+
+
 @functools.lru_cache(maxsize=64)
 def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, depth: int, num_steps: int,
-                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis()):
-    """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key) -> (trainable, metrics)``.
+                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(), aggregator: str = "fedavg"):
+    """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None) -> (trainable, metrics)``.
 
     Args (of the returned function):
       trainable: ``{"lora": LoRA, "head": ...}`` the group's current model (broadcast to its devices).
@@ -43,18 +53,34 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
       device_ids: ``[M]`` int32 global device ids (keys are folded in per id).
       weights: ``[M]`` aggregation weights (sample counts; 0 for absent or padding devices).
       round_key: PRNG key of this (intra-group) round.
+      ranks: ``[M]`` per-device LoRA ranks (HetLoRA); ``None`` = everyone at full rank.
+
+    ``aggregator``: ``"fedavg"`` (sample-weighted mean) or ``"hetlora"``
+    (zero-padding rank aggregation, :func:`~hfl_jax.fed.aggregate.rank_padded_mean`,
+    with weights ``weights * ||delta W_m||_F``; the head stays sample-weighted).
 
     Returns:
       the aggregated trainable (unchanged if every weight is 0) and :class:`GroupRoundMetrics`.
     """
+    if aggregator not in ("fedavg", "hetlora"):
+        raise ValueError(f"unknown aggregator {aggregator!r}; use 'fedavg' or 'hetlora'")
     local = make_local_train(model, inner, depth, num_steps, batch_size, n_max)
-    mapped = axis.map(local, in_axes=(None, None, 0, None, 0))
+    mapped = axis.map(local, in_axes=(None, None, 0, None, 0, 0))
 
     @jax.jit
-    def group_round(trainable, base, data, device_ids, weights, round_key):
-        new, metrics = mapped(trainable, base, data, round_key, device_ids)
+    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None):
+        if ranks is None:
+            ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
+        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks)
         agg, finite = weighted_mean(new, weights, fallback=trainable)
-        out = GroupRoundMetrics(metrics.loss, metrics.count, finite, jnp.where(finite, weights, 0.0))
+        used = jnp.where(finite, weights, 0.0)
+        if aggregator == "hetlora":
+            clean = jax.tree.map(lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), new)
+            sparsity = used * update_norms(clean, trainable)
+            lora = rank_padded_mean(clean["lora"], ranks, sparsity)
+            agg = dict(agg, lora=jax.tree.map(lambda a, b: jnp.where(sparsity.sum() > 0, a, b),
+                                              lora, trainable["lora"]))
+        out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         return agg, axis.constrain(out, sharded=False)
 
     return group_round

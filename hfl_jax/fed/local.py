@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from hfl_jax.models.encoder import EncoderModel
-from hfl_jax.models.lora import depth_masked
+from hfl_jax.models.lora import LoRA, depth_masked
 
 Array = jax.Array
 Batch = Mapping[str, Array]  # input_ids/attention_mask/token_type_ids [B, T], labels [B], mask [B] bool
@@ -77,8 +77,11 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
                      num_steps: int, batch_size: int, n_max: int) -> Callable:
     """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
 
-    Returns ``local_train(trainable, base, data_row, round_key, device_id) -> (trainable, StepMetrics[E])``
-    where ``data_row`` is one device's :class:`~hfl_jax.data.DeviceData` slice (no device axis).
+    Returns ``local_train(trainable, base, data_row, round_key, device_id, rank) -> (trainable, StepMetrics[E])``
+    where ``data_row`` is one device's :class:`~hfl_jax.data.DeviceData` slice (no device axis)
+    and ``rank`` the device's LoRA rank: components ``>= rank`` are zeroed on arrival
+    (HetLoRA's truncation) and, having zero gradient, stay zero; pass the full rank
+    for homogeneous LoRA.
     Batches come from :func:`~hfl_jax.data.sample_batch_indices` keyed by
     ``fold_in(round_key, device_id)``, so a device's trajectory does not depend on
     which other devices run beside it. The optimizer state starts fresh each local
@@ -89,7 +92,8 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
     opt = make_optimizer(inner, model.num_layers, depth)
     step = make_train_step(model, opt, depth)
 
-    def local_train(trainable, base, data_row, round_key, device_id):
+    def local_train(trainable, base, data_row, round_key, device_id, rank):
+        trainable = dict(trainable, lora=truncate_to(trainable["lora"], rank))
         idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)
         batches = dict(gather_batches(data_row, idx), mask=mask)
 
@@ -102,3 +106,11 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
         return trainable, metrics
 
     return local_train
+
+
+def truncate_to(lora: LoRA, rank: Array) -> LoRA:
+    """Zeroes rank components ``j >= rank`` (``rank`` may be traced); shapes are unchanged."""
+    keep = jnp.arange(lora.rank) < rank
+    return LoRA({t: {"A": ab["A"] * keep.astype(ab["A"].dtype),
+                     "B": ab["B"] * keep[:, None].astype(ab["B"].dtype)} for t, ab in lora.weights.items()},
+                lora.scale)
