@@ -1,0 +1,524 @@
+"""Speed of one group's local round: vmapped (one compiled call) vs a Python loop vs PyTorch + PEFT.
+
+Times E local steps of M simulated devices (per-device batch B, sequence length
+T, fine-tuning depth d, LoRA rank r on query+value) after compilation, three ways:
+
+  vmap   ``hfl_jax.fed.engine.make_group_round``: all M devices vmapped in one
+         jitted call that also does FedAvg (the frozen base is shared).
+  loop   a Python loop calling ``jax.jit(make_local_train(...))`` once per
+         device, then a jitted FedAvg over the stacked results.
+  torch  transformers ``*ForSequenceClassification`` + PEFT LoRA, looping over
+         devices (fresh Adam per device, the same batches), then FedAvg.
+
+Reports examples/s, tokens/s, achieved FLOP/s from the analytic count
+(``hfl_jax.fed.timemodel.step_flops`` x E x M), the machine's matmul peak
+measured in the same run, XLA's memory analysis of the compiled call, the
+process RSS high-water mark and compile time. ``--sweep`` adds scaling tables
+over devices M, depth d and batch B for the vmapped round.
+
+Example::
+
+    python benchmarks/round_speed.py --model minilm-l6 --devices 8 --batch 2 --seq-len 64
+    python benchmarks/round_speed.py --model minilm-l6 --sweep --methods vmap
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from hfl_jax.data import make_device_data, sample_batch_indices  # noqa: E402
+from hfl_jax.fed.aggregate import weighted_mean  # noqa: E402
+from hfl_jax.fed.engine import make_group_round  # noqa: E402
+from hfl_jax.fed.local import base_of, make_local_train  # noqa: E402
+from hfl_jax.fed.timemodel import step_flops  # noqa: E402
+from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora  # noqa: E402
+
+TARGETS = ("query", "value")
+MODELS = ("tiny", "minilm-l6", "roberta-base-shape")
+METHODS = ("vmap", "loop", "torch")
+MiB = 2.0 ** 20
+
+# Columns of the main table (tests/test_benchmark_smoke.py checks these names).
+COLUMNS = ("method", "M", "B", "T", "E", "d", "compile s", "best s", "median s", "examples/s", "tokens/s",
+           "GFLOP/s", "% peak", "XLA MiB", "RSS MiB", "speedup of vmap")
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    name: str
+    model: EncoderModel
+    params: dict
+    hf_dir: Path | None  # packaged checkpoint (for the torch baseline), None for random models
+
+
+def build_model(name: str, compute_dtype=None, seed: int = 0) -> Setup:
+    """The model under test: packaged MiniLM, a random RoBERTa-base shape, or a tiny random BERT."""
+    if name == "minilm-l6":
+        from hfl_jax.models import load_pretrained, resolve_model_dir
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the packaged checkpoint has no classifier: fresh head
+            model, params = load_pretrained("minilm-l6", num_labels=2, seed=seed, compute_dtype=compute_dtype)
+        return Setup(name, model, params, resolve_model_dir("minilm-l6"))
+    if name == "roberta-base-shape":
+        cfg = EncoderConfig(model_type="roberta", vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12,
+                            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                            layer_norm_eps=1e-5, pad_token_id=1, num_labels=2)
+    elif name == "tiny":
+        cfg = EncoderConfig(model_type="bert", vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    model = EncoderModel(cfg, compute_dtype=compute_dtype)
+    return Setup(name, model, model.init(jax.random.PRNGKey(seed)), None)
+
+
+def synthetic_data(cfg: EncoderConfig, M: int, n_per_device: int, T: int, seed: int = 0):
+    """Random full-length sequences: M devices of ``n_per_device`` rows each (host numpy)."""
+    rng = np.random.default_rng(seed)
+    n = M * n_per_device
+    tok = {"input_ids": rng.integers(5, cfg.vocab_size, (n, T)).astype(np.int32),
+           "attention_mask": np.ones((n, T), np.int32),
+           "token_type_ids": np.zeros((n, T), np.int32),
+           "labels": rng.integers(0, cfg.num_labels, n).astype(np.int32)}
+    parts = [np.arange(m * n_per_device, (m + 1) * n_per_device) for m in range(M)]
+    return make_device_data(tok, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    M: int
+    B: int
+    T: int
+    E: int
+    d: int
+    rank: int
+    alpha: float
+    lr: float
+
+    @property
+    def examples(self) -> int:
+        return self.M * self.E * self.B
+
+
+@dataclasses.dataclass
+class Result:
+    method: str
+    work: Work
+    compile_s: float
+    times: list
+    flops: float
+    xla_bytes: float | None  # XLA peak estimate of the compiled call (arguments + outputs + temps - aliased)
+    rss_bytes: float         # process RSS high-water mark after this method ran
+    note: str = ""
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def rss_peak_bytes() -> float:
+    """Process RSS high-water mark (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def xla_peak_bytes(compiled) -> float | None:
+    """Arguments + outputs + temporaries - aliased bytes of a compiled executable (None if unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    if m is None:
+        return None
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+
+
+def time_it(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``fn()`` (which must block until its results are ready)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_peak(n: int, repeats: int) -> float:
+    """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` (best of ``repeats`` after warm-up)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    times = time_it(lambda: jax.block_until_ready(f(a, b)), max(repeats, 3), warmup=2)
+    return 2.0 * n ** 3 / min(times)
+
+
+def _takes_rank(local) -> bool:
+    """Whether ``make_local_train``'s function takes a per-device ``rank`` (HetLoRA) argument."""
+    return "rank" in inspect.signature(local).parameters
+
+
+# ----------------------------------------------------------------------------------------------
+# The three implementations
+# ----------------------------------------------------------------------------------------------
+
+
+def _inputs(setup: Setup, w: Work, seed: int):
+    model = setup.model
+    data = synthetic_data(model.cfg, w.M, w.E * w.B, w.T, seed)
+    lora = init_lora(jax.random.PRNGKey(seed + 1), model.cfg, LoRAConfig(w.rank, w.alpha, TARGETS))
+    trainable = {"lora": lora, "head": setup.params["head"]}
+    ids = np.arange(w.M, dtype=np.int32)
+    weights = data.counts.astype(np.float32)
+    return data, trainable, ids, weights, jax.random.PRNGKey(seed + 2)
+
+
+def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
+    model = setup.model
+    data, trainable, ids, weights, key = _inputs(setup, w, seed)
+    group_round = make_group_round(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max)
+    args = jax.device_put((trainable, base_of(setup.params), data, ids, weights, key))
+    t0 = time.perf_counter()
+    compiled = group_round.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    times = time_it(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    flops = step_flops(model.cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
+    return Result("vmap", w, compile_s, times, flops, xla_peak_bytes(compiled), rss_peak_bytes())
+
+
+def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
+    model = setup.model
+    data, trainable, ids, weights, key = _inputs(setup, w, seed)
+    fn = make_local_train(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max)
+    extra = (jnp.int32(w.rank),) if _takes_rank(fn) else ()
+    local = jax.jit(fn)
+    base = jax.device_put(base_of(setup.params))
+    trainable = jax.device_put(trainable)
+    rows = [jax.device_put(data.row(m)) for m in range(w.M)]
+    dev_ids = [jnp.int32(i) for i in ids]
+    weights = jnp.asarray(weights)
+
+    @jax.jit
+    def fedavg(results, weights):
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+        return weighted_mean(stacked, weights, fallback=trainable)[0]
+
+    t0 = time.perf_counter()
+    compiled = local.lower(trainable, base, rows[0], key, dev_ids[0], *extra).compile()
+    avg = fedavg.lower([trainable] * w.M, weights).compile()
+    compile_s = time.perf_counter() - t0
+
+    def one_round():
+        results = [compiled(trainable, base, rows[m], key, dev_ids[m], *extra)[0] for m in range(w.M)]
+        return jax.block_until_ready(avg(results, weights))
+
+    times = time_it(one_round, repeats)
+    flops = step_flops(model.cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
+    return Result("loop", w, compile_s, times, flops, xla_peak_bytes(compiled), rss_peak_bytes(),
+                  note="XLA MiB is one device's call")
+
+
+def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int = 2) -> Result:
+    """PyTorch + PEFT: the same model shape (and, for MiniLM, the same weights), batches, E and Adam."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = setup.model.cfg
+    if setup.hf_dir is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tmodel = transformers.AutoModelForSequenceClassification.from_pretrained(str(setup.hf_dir),
+                                                                                      num_labels=cfg.num_labels)
+    else:
+        kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                  max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+                  layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, num_labels=cfg.num_labels)
+        if cfg.model_type == "roberta":
+            tmodel = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**kw))
+        else:
+            tmodel = transformers.BertForSequenceClassification(transformers.BertConfig(**kw))
+    tmodel.eval()  # no dropout: the JAX model has none
+    pmodel = get_peft_model(tmodel, LoraConfig(r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS),
+                                               lora_dropout=0.0))
+    L = cfg.num_layers
+    trainable = []
+    for name, p in pmodel.named_parameters():
+        if "lora_" in name:
+            layer = int(name.split(".layer.")[1].split(".")[0])
+            p.requires_grad_(layer >= L - w.d)  # frozen bottom layers: no grad, hence no backward below them
+        elif ".pooler." in name or ".classifier." in name:
+            p.requires_grad_(True)  # the head (pooler + classifier) is trained, as in hfl_jax
+        else:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            trainable.append(p)
+    start = [p.detach().clone() for p in trainable]
+
+    # the same batches as the JAX runs: sample_batch_indices(round_key, device_id, count, ...)
+    data, _, ids, weights, key = _inputs(setup, w, seed)
+    batches = []
+    for m in range(w.M):
+        idx, _ = sample_batch_indices(key, int(ids[m]), int(data.counts[m]), data.n_max, w.E, w.B)
+        idx = np.asarray(idx)
+        batches.append([{k: torch.from_numpy(np.asarray(getattr(data, k))[m][idx[e]].astype(np.int64))
+                         for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+                        for e in range(w.E)])
+    wts = torch.tensor(weights) / float(weights.sum())
+
+    def one_round():
+        sums = [torch.zeros_like(p) for p in trainable]
+        for m in range(w.M):
+            with torch.no_grad():
+                for p, s in zip(trainable, start):
+                    p.copy_(s)
+            opt = torch.optim.Adam(trainable, lr=w.lr)
+            for b in batches[m]:
+                out = pmodel(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             token_type_ids=b["token_type_ids"])
+                loss = torch.nn.functional.cross_entropy(out.logits, b["labels"])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for s, p in zip(sums, trainable):
+                    s.add_(p, alpha=float(wts[m]))
+        return sums
+
+    t0 = time.perf_counter()
+    one_round()  # warm-up (allocator, kernels); reported in the compile column
+    warm = time.perf_counter() - t0
+    times = time_it(one_round, repeats, warmup=0)
+    flops = step_flops(cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
+    attn = getattr(tmodel.config, "_attn_implementation", "?")
+    return Result("torch", w, warm, times, flops, None, rss_peak_bytes(),
+                  note=f"torch {torch.__version__}, {threads} threads, attention={attn}; "
+                       f"compile column = first (warm-up) round")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x, nd=2):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{nd}f}"
+
+
+def table_rows(results: list[Result], peak: float) -> list[list[str]]:
+    vmap = {r.work: r for r in results if r.method == "vmap"}
+    rows = []
+    for r in results:
+        w = r.work
+        ref = vmap.get(w)
+        speedup = f"{r.median / ref.median:.2f}x" if ref is not None and r.method != "vmap" else "-"
+        rows.append([r.method, str(w.M), str(w.B), str(w.T), str(w.E), str(w.d), _fmt(r.compile_s),
+                     _fmt(r.best, 3), _fmt(r.median, 3), _fmt(w.examples / r.median, 1),
+                     _fmt(w.examples * w.T / r.median, 0), _fmt(r.flops / r.median / 1e9, 1),
+                     _fmt(100 * r.flops / r.median / peak, 1),
+                     _fmt(r.xla_bytes / MiB if r.xla_bytes is not None else None, 1),
+                     _fmt(r.rss_bytes / MiB, 0), speedup])
+    return rows
+
+
+def markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "nproc": os.cpu_count(), "cpu": cpu, "load": os.getloadavg(), "jax": jax.__version__,
+            "jax_devices": [str(d) for d in jax.devices()]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " All sizes are per group round; timings are after compilation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="minilm-l6",
+                   help="minilm-l6: the packaged pretrained MiniLM-L6 (6 layers, hidden 384); roberta-base-shape: "
+                        "random weights, 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 50265; "
+                        "tiny: a 2-layer hidden-32 random BERT for smoke tests")
+    p.add_argument("--devices", "-M", type=int, default=8, help="simulated devices M in the group")
+    p.add_argument("--batch", "-B", type=int, default=2, help="per-device batch size B")
+    p.add_argument("--seq-len", "-T", type=int, default=64, help="sequence length T (all tokens real)")
+    p.add_argument("--steps", "-E", type=int, default=2, help="local steps E per device")
+    p.add_argument("--depth", "-d", type=int, default=None, help="fine-tuning depth d (default: all layers)")
+    p.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r (targets: query, value)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--repeats", "-n", type=int, default=3, help="timed repeats per measurement (best and median)")
+    p.add_argument("--methods", default="vmap,loop,torch",
+                   help="comma-separated subset of vmap (one vmapped compiled call), loop (Python loop of a jitted "
+                        "single-device step) and torch (PyTorch + PEFT loop; skipped if torch/peft are missing)")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for the torch baseline")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the frozen matmuls in hfl_jax (EncoderModel.compute_dtype)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n float32 matmul that measures peak")
+    p.add_argument("--sweep", action="store_true",
+                   help="also print scaling tables for the vmapped round over --sweep-devices, depths 1..L "
+                        "(at M=--devices) and --sweep-batches (at M=--devices)")
+    p.add_argument("--sweep-devices", type=_ints, default=[1, 8, 32, 80], help="M values of the device sweep")
+    p.add_argument("--sweep-device-batch", type=int, default=4, help="B used in the device sweep")
+    p.add_argument("--sweep-batches", type=_ints, default=[4, 16], help="B values of the batch sweep")
+    p.add_argument("--sweep-depth-batch", type=int, default=4, help="B used in the depth sweep")
+    p.add_argument("--sweep-only", action="store_true", help="skip the main comparison, print only the sweeps")
+    p.add_argument("--json", type=Path, default=None, help="also write all results as JSON to this file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, adapters and random weights")
+    return p.parse_args(argv)
+
+
+def _result_json(r: Result) -> dict:
+    return {"method": r.method, **dataclasses.asdict(r.work), "compile_s": r.compile_s, "times": r.times,
+            "flops": r.flops, "xla_bytes": r.xla_bytes, "rss_bytes": r.rss_bytes, "note": r.note}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
+    if "torch" in methods:
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            print(f"[torch baseline skipped: {e}]")
+            methods.remove("torch")
+    dtype = None if args.compute_dtype == "float32" else jnp.bfloat16
+    setup = build_model(args.model, dtype, args.seed)
+    cfg = setup.model.cfg
+    L = cfg.num_layers
+    depth = L if args.depth is None else args.depth
+    info = machine_info()
+    print(f"# round_speed: {args.model} (L={L}, H={cfg.hidden_size}), rank {args.rank} on {'+'.join(TARGETS)}, "
+          f"compute dtype {args.compute_dtype}")
+    print(f"# {info['date']}  nproc={info['nproc']}  cpu={info['cpu']}  load(1,5,15)="
+          f"{', '.join(f'{x:.2f}' for x in info['load'])}  jax {info['jax']} {info['jax_devices']}")
+    peak = measure_peak(args.peak_size, args.repeats)
+    print(f"# matmul peak (jitted float32 {args.peak_size}x{args.peak_size} @ {args.peak_size}x{args.peak_size}, "
+          f"best of {max(args.repeats, 3)}): {peak / 1e9:.1f} GFLOP/s")
+    print(f"# timings: best/median of {args.repeats} repeats after warm-up; FLOPs = timemodel.step_flops x E x M; "
+          f"XLA MiB = arguments+outputs+temps-aliased of the compiled call; RSS MiB = process high-water mark so far")
+    out = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "peak_flops": peak,
+           "main": [], "sweep": {}}
+
+    runners = {"vmap": run_vmap, "loop": run_loop,
+               "torch": lambda s, w, n, seed: run_torch(s, w, n, seed, args.torch_threads)}
+    if not args.sweep_only:
+        w = Work(args.devices, args.batch, args.seq_len, args.steps, depth, args.rank, args.alpha, args.lr)
+        results = []
+        for m in methods:
+            results.append(runners[m](setup, w, args.repeats, args.seed))
+        print()
+        print(markdown(COLUMNS, table_rows(results, peak)))
+        for r in results:
+            if r.note:
+                print(f"- {r.method}: {r.note}")
+        by = {r.method: r for r in results}
+        if "vmap" in by:
+            for m in ("loop", "torch"):
+                if m in by:
+                    print(f"- speedup of vmap over {m}: {by[m].median / by['vmap'].median:.2f}x (ratio of median times)")
+            print(f"- vmap achieved {100 * by['vmap'].flops / by['vmap'].median / peak:.1f}% of the matmul peak")
+        out["main"] = [_result_json(r) for r in results]
+
+    if args.sweep:
+        base_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base_of(setup.params)))
+
+        def sweep(title, works, key):
+            res = [run_vmap(setup, w, args.repeats, args.seed) for w in works]
+            print(f"\n### {title}\n")
+            hdr = ["M", "B", "d", "compile s", "median s", "s / device", "s / local step", "examples/s",
+                   "GFLOP/s", "% peak", "XLA MiB", "XLA MiB / device", "M copies of base MiB", "RSS MiB"]
+            rows = []
+            for r in res:
+                w = r.work
+                rows.append([str(w.M), str(w.B), str(w.d), _fmt(r.compile_s), _fmt(r.median, 3),
+                             _fmt(r.median / w.M, 3), _fmt(r.median / w.E, 3), _fmt(w.examples / r.median, 1),
+                             _fmt(r.flops / r.median / 1e9, 1), _fmt(100 * r.flops / r.median / peak, 1),
+                             _fmt(r.xla_bytes / MiB if r.xla_bytes else None, 1),
+                             _fmt(r.xla_bytes / MiB / w.M if r.xla_bytes else None, 2),
+                             _fmt(w.M * base_bytes / MiB, 0), _fmt(r.rss_bytes / MiB, 0)])
+            print(markdown(hdr, rows))
+            out["sweep"][key] = [_result_json(r) for r in res]
+            return res
+
+        mk = lambda M, B, d: Work(M, B, args.seq_len, args.steps, d, args.rank, args.alpha, args.lr)  # noqa: E731
+        print(f"\n# sweeps (vmapped round; T={args.seq_len}, E={args.steps}; base model = {base_bytes / MiB:.1f} MiB)")
+        sweep(f"devices M (B={args.sweep_device_batch}, d={depth})",
+              [mk(M, args.sweep_device_batch, depth) for M in args.sweep_devices], "devices")
+        res = sweep(f"depth d (M={args.devices}, B={args.sweep_depth_batch})",
+                    [mk(args.devices, args.sweep_depth_batch, d) for d in range(1, L + 1)], "depth")
+        full = res[-1].median
+        print("\n" + "\n".join(f"- depth {r.work.d}/{L}: time per local step {r.median / full:.2f}x full depth "
+                               f"(FLOPs {r.flops / res[-1].flops:.2f}x)" for r in res))
+        sweep(f"batch B (M={args.devices}, d={depth})",
+              [mk(args.devices, B, depth) for B in args.sweep_batches], "batch")
+
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

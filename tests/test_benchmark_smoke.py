@@ -1,0 +1,35 @@
+"""Smoke test: benchmarks/round_speed.py runs end to end on a tiny model and prints its table."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_round_speed_prints_table(tmp_path):
+    out_json = tmp_path / "r.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "round_speed.py"), "--model", "tiny", "-M", "2", "-E", "1",
+           "-T", "16", "-B", "2", "-n", "1", "--methods", "vmap,loop", "--peak-size", "256",
+           "--json", str(out_json)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for c in ("method", "M", "B", "T", "E", "d", "compile s", "best s", "median s", "examples/s", "tokens/s",
+              "GFLOP/s", "% peak", "XLA MiB", "RSS MiB", "speedup of vmap"):
+        assert c in cols, (c, cols)
+    rows = [line for line in lines if line.startswith("| vmap |") or line.startswith("| loop |")]
+    assert len(rows) == 2, proc.stdout
+    assert all(len(r.strip("|").split("|")) == len(cols) for r in rows)
+    assert "matmul peak" in proc.stdout and "speedup of vmap over loop" in proc.stdout
+    assert out_json.is_file()
+
+
+def test_round_speed_help_documents_flags():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "round_speed.py"), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0
+    for flag in ("--model", "--devices", "--batch", "--seq-len", "--steps", "--depth", "--rank", "--repeats",
+                 "--methods", "--sweep"):
+        assert flag in proc.stdout
