@@ -104,3 +104,30 @@ def make_evaluate(model: EncoderModel):
         return loss_sum.sum() / n, correct.sum() / n
 
     return evaluate
+
+
+@functools.lru_cache(maxsize=16)
+def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis()):
+    """Compiled ``probe(trainable, base, data, device_ids, probe_key) -> (loss [M], count [M])``:
+    each device's loss of ``trainable`` on one batch drawn with ``probe_key`` (no training).
+
+    Used for the bandit's progress signal: the same probe batches are scored
+    before and after a group's round.
+    """
+    from hfl_jax.data import gather_batches, sample_batch_indices
+
+    loss_fn = make_loss_fn(model, 0)
+
+    def one(trainable, base, data_row, key, device_id):
+        idx, mask = sample_batch_indices(key, device_id, data_row.counts, n_max, 1, batch_size)
+        batch = jax.tree.map(lambda x: x[0], dict(gather_batches(data_row, idx), mask=mask))
+        _, m = loss_fn(trainable, base, batch)
+        return m.loss, m.count
+
+    mapped = axis.map(one, in_axes=(None, None, 0, None, 0))
+
+    @jax.jit
+    def probe(trainable, base, data, device_ids, probe_key):
+        return axis.constrain(mapped(trainable, base, data, probe_key, device_ids), sharded=False)
+
+    return probe

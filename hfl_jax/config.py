@@ -1,0 +1,309 @@
+"""Typed, frozen experiment configuration loaded from YAML with dotted overrides.
+
+``load_config(path, overrides)`` maps a YAML file onto :class:`ExperimentConfig`;
+an unknown key, a wrong type or an impossible value raises :class:`ConfigError`
+naming the key (e.g. ``train.rounds``) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelConfig:
+    """A small random BERT encoder (for smoke tests; no download)."""
+    hidden_size: int = 32
+    num_layers: int = 4
+    num_heads: int = 2
+    intermediate_size: int = 64
+    vocab_size: int = 30522  # matches the packaged MiniLM tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm-l6"             # alias, local directory, hub id, or "tiny" (random, see `tiny`)
+    tiny: TinyModelConfig = TinyModelConfig()
+    compute_dtype: str = "float32"      # float32 | bfloat16 (frozen matmuls only)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "sst2"                  # sst2 | qnli | qqp | mnli | custom
+    data_dir: Optional[str] = None      # GLUE-layout directory; default $HFL_DATA_DIR, then the hub
+    tokenizer: Optional[str] = None     # default: model.name ("minilm-l6" for model.name == "tiny")
+    max_length: int = 64
+    train_subset: Optional[int] = None  # use a seeded random subset of this many training examples
+    eval_subset: Optional[int] = None
+    custom: Optional[dict] = None       # CustomSpec fields for task == custom
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    num_devices: int = 20
+    method: str = "dirichlet"           # iid | dirichlet | pathological | quantity
+    alpha: float = 0.1
+    min_samples: int = 0
+    classes_per_device: int = 1
+    beta: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicesConfig:
+    profiles: Optional[str] = None      # YAML/CSV file of device profiles; default: drawn from tiers
+    tiers: tuple[str, ...] = ("tx2", "nx", "agx", "orin")
+    bandwidth_jitter: float = 0.5
+    edge_cloud_bandwidth: float = 100e6  # bytes/s between a group's aggregator and the cloud
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = 20                    # global rounds
+    local_steps: int = 5                # E
+    batch_size: int = 16                # B per device
+    optimizer: str = "adamw"            # adamw | adam | sgd
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    target_accuracy: Optional[float] = None   # stop once reached
+    time_budget: Optional[float] = None       # stop once the simulated clock passes this (s)
+    participation: float = 1.0          # fraction of each group's devices sampled per round
+    availability: float = 1.0           # probability that a sampled device is available
+    chunk_size: Optional[int] = None    # max simulated devices vmapped at once
+    shard: bool = True                  # shard the device axis over all local accelerators
+
+
+@dataclasses.dataclass(frozen=True)
+class BanditConfig:
+    phi: float = 0.5
+    gamma: float = 0.95
+    nu: float = 0.5
+    time_budget: Optional[float] = None   # per-global-round simulated time budget (s); None = none
+
+
+@dataclasses.dataclass(frozen=True)
+class HetLoRAConfig:
+    ranks: tuple[int, ...] = (2, 4, 8)  # ranks by device capability tercile (slow -> fast)
+    prune_factor: float = 0.5           # rank self-pruning: r <- max(min_rank, floor(r * factor))
+    prune_threshold: float = 0.05       # ... when ||pruned part|| / ||kept part|| is below this
+    min_rank: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "hierfedlora"           # hierfedlora | fedlora | hetlora | hierfedlora_random_groups |
+                                        # hierfedlora_fixed | hierfedlora_full_depth
+    num_groups: int = 4
+    lam: float = 0.0                    # grouping: weight of the speed-spread term
+    depths: Optional[tuple[int, ...]] = None   # depth grid (None: 1, 2, 4, ... up to L, and L)
+    taus: tuple[int, ...] = (1, 2, 3)   # intra-group aggregation frequencies
+    fixed_depth: Optional[int] = None   # hierfedlora_fixed (None: L // 2)
+    fixed_tau: int = 1
+    bandit: BanditConfig = BanditConfig()
+    hetlora: HetLoRAConfig = HetLoRAConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1                      # save every N global rounds (and at the end)
+    keep: int = 3                       # keep the last k checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    lora: LoRASection = LoRASection()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    devices: DevicesConfig = DevicesConfig()
+    train: TrainConfig = TrainConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tensorboard: bool = False
+
+
+ALGORITHMS = ("hierfedlora", "fedlora", "hetlora", "hierfedlora_random_groups", "hierfedlora_fixed",
+              "hierfedlora_full_depth")
+
+
+# --- generic dataclass <- dict ---------------------------------------------------------------------
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key + ".")
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    """Builds dataclass ``cls`` from a nested mapping; unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), for YAML/JSON."""
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["train.rounds=4", "lora.targets=[query,value]"]`` -> updated copy; values parsed as YAML."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> ExperimentConfig:
+    """Checks values that types cannot (ranges, cross-field rules). ``num_layers`` adds depth checks."""
+    t, p, a, l = cfg.train, cfg.partition, cfg.algorithm, cfg.lora
+    _require(cfg.name.strip() != "", "name", "must not be empty")
+    for key, v in [("train.rounds", t.rounds), ("train.local_steps", t.local_steps),
+                   ("train.batch_size", t.batch_size), ("train.eval_every", t.eval_every),
+                   ("train.eval_batch_size", t.eval_batch_size), ("partition.num_devices", p.num_devices),
+                   ("algorithm.num_groups", a.num_groups), ("lora.rank", l.rank),
+                   ("data.max_length", cfg.data.max_length), ("checkpoint.every", cfg.checkpoint.every),
+                   ("checkpoint.keep", cfg.checkpoint.keep), ("algorithm.fixed_tau", a.fixed_tau)]:
+        _require(v >= 1, key, f"must be >= 1, got {v}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.optimizer in ("adamw", "adam", "sgd"), "train.optimizer", f"unknown optimizer {t.optimizer!r}")
+    _require(0 < t.participation <= 1, "train.participation", f"must be in (0, 1], got {t.participation}")
+    _require(0 < t.availability <= 1, "train.availability", f"must be in (0, 1], got {t.availability}")
+    _require(t.chunk_size is None or t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
+    _require(a.name in ALGORITHMS, "algorithm.name", f"unknown algorithm {a.name!r}; one of {', '.join(ALGORITHMS)}")
+    _require(a.num_groups <= p.num_devices, "algorithm.num_groups",
+             f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")
+    _require(a.lam >= 0, "algorithm.lam", "must be >= 0")
+    _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", f"must be a non-empty list of ints >= 1")
+    _require(p.method in ("iid", "dirichlet", "pathological", "quantity"), "partition.method",
+             f"unknown partition method {p.method!r}")
+    _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
+    _require(cfg.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "float32 or bfloat16")
+    b = a.bandit
+    _require(0 < b.gamma <= 1, "algorithm.bandit.gamma", f"must be in (0, 1], got {b.gamma}")
+    _require(b.phi >= 0 and b.nu >= 0, "algorithm.bandit", "phi and nu must be >= 0")
+    h = a.hetlora
+    if a.name == "hetlora":
+        _require(len(h.ranks) > 0 and min(h.ranks) >= 1 and max(h.ranks) <= l.rank, "algorithm.hetlora.ranks",
+                 f"must be ints in [1, lora.rank={l.rank}], got {list(h.ranks)}")
+    _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
+    if t.target_accuracy is not None:
+        _require(0 < t.target_accuracy <= 1, "train.target_accuracy", "must be in (0, 1]")
+    if num_layers is not None:
+        for d in a.depths or ():
+            _require(1 <= d <= num_layers, "algorithm.depths",
+                     f"depth {d} is outside [1, {num_layers}] (the model has {num_layers} layers)")
+        if a.fixed_depth is not None:
+            _require(1 <= a.fixed_depth <= num_layers, "algorithm.fixed_depth",
+                     f"depth {a.fixed_depth} is outside [1, {num_layers}] (the model has {num_layers} layers)")
+    return cfg
+
+
+def model_num_layers(cfg: ExperimentConfig) -> int | None:
+    """Layer count from the model's config.json without loading weights (None if unreachable)."""
+    import json
+
+    if cfg.model.name == "tiny":
+        return cfg.model.tiny.num_layers
+    try:
+        from hfl_jax.models.hub import resolve_model_dir
+        return int(json.loads((resolve_model_dir(cfg.model.name) / "config.json").read_text())["num_hidden_layers"])
+    except Exception:
+        return None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
+                check_model: bool = True) -> ExperimentConfig:
+    """YAML file (and/or dict) + dotted overrides -> validated :class:`ExperimentConfig`."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    if data:
+        raw = {**raw, **data}
+    raw = apply_overrides(raw, list(overrides))
+    cfg = from_dict(ExperimentConfig, raw)
+    return validate(cfg, model_num_layers(cfg) if check_model else None)
