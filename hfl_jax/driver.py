@@ -213,6 +213,14 @@ def _state_from(meta: dict, trainable: Any) -> RunState:
 
 # --- the loop --------------------------------------------------------------------------------------
 
+def _fault_point(round_: int) -> None:
+    """Fault injection for the resume tests: ``HFL_FAULT_KILL_ROUND=N`` SIGKILLs this process right
+    after round N's metrics line is written and before its checkpoint (the harshest moment)."""
+    if os.environ.get("HFL_FAULT_KILL_ROUND") == str(round_):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_jsonl(path: Path, records: list) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -241,6 +249,7 @@ def train_loop(exp: Experiment, out_dir: Path, state: RunState, history: list,
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        _fault_point(state.round)
         if writer is not None:
             writer(record)
         done = state.round >= t.rounds
