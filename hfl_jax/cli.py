@@ -100,7 +100,7 @@ def cmd_partition(args) -> int:
           f"mean device KL to global {dev['mean_kl']:.4f}")
     print("group  devices  samples  KL")
     for k, (size, samples, kl) in enumerate(zip(groups["sizes"], groups["samples"], groups["kl"])):
-        print(f"{k:5d}  {size:7d}  {samples:7d}  {kl:.5f}")
+        print(f"{k:5d}  {int(size):7d}  {int(samples):7d}  {kl:.5f}")
     print(f"wrote {out / 'partition.png'} and {out / 'partition.json'}")
     return 0
 

@@ -90,6 +90,10 @@ def test_layerwise_aggregation_hand_example():
     # the depth-4 group skips the round: layers 0, 1 keep the previous value; layer 2 = group 2 alone (2);
     # layer 3 = (1*1 + 2*2) / 3
     lora2, _ = layerwise_aggregate(group, heads, depths, jnp.array([1.0, 2.0, 0.0]), prev)
+    # every group dropped: adapters and head keep their previous values
+    lora3, head3 = layerwise_aggregate(group, heads, depths, jnp.zeros(3), prev, {"w": jnp.array([7.0])})
+    np.testing.assert_array_equal(np.asarray(lora3.weights["query"]["A"]), np.asarray(prev.weights["query"]["A"]))
+    np.testing.assert_array_equal(np.asarray(head3["w"]), [7.0])
     np.testing.assert_allclose(np.asarray(lora2.weights["query"]["A"])[:, 0, 0], [-1, -1, 2.0, 5 / 3],
                                rtol=1e-6)
 

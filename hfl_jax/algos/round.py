@@ -230,7 +230,7 @@ def run_round(setup: Setup, state: RunState) -> tuple[RunState, dict]:
         g_tr = jax.tree.map(stack, *[tr for tr, _, _ in results])
         lora, head = layerwise_aggregate(g_tr["lora"], g_tr["head"], jnp.asarray([d for _, d, _ in results]),
                                          jnp.asarray([w for _, _, w in results], jnp.float32),
-                                         state.trainable["lora"])
+                                         state.trainable["lora"], state.trainable["head"])
         trainable = {"lora": lora, "head": head}
         if setup.spec.aggregator == "hetlora":
             h = setup.hetlora

@@ -62,7 +62,7 @@ def trained_layers(num_layers: int, depths: Array) -> Array:
 
 
 def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weights: Array,
-                        prev_lora: LoRA) -> tuple[LoRA, Any]:
+                        prev_lora: LoRA, prev_head: Any = None) -> tuple[LoRA, Any]:
     """HierFedLoRA's global, layer-wise aggregation.
 
     For each layer ``l``: ``W_l = sum_k w_k 1[l in top d_k] W_{k,l} / sum_k w_k 1[l in top d_k]``;
@@ -75,6 +75,7 @@ def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weigh
       depths: ``[K]`` int, each group's fine-tuning depth this round.
       weights: ``[K]`` sample counts of the groups (0 for a group that skipped the round).
       prev_lora: the previous global LoRA (leaves ``[L, ...]``).
+      prev_head: the previous global head, kept if every group's weight is 0.
     """
     num_layers = jax.tree.leaves(prev_lora)[0].shape[0]
     mask = trained_layers(num_layers, depths) & (jnp.asarray(weights) > 0)[:, None]   # [K, L]
@@ -87,7 +88,7 @@ def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weigh
         return jnp.where(keep, avg, prev)
 
     lora = jax.tree.map(per_layer, group_lora, prev_lora)
-    head, _ = weighted_mean(group_heads, jnp.asarray(weights, jnp.float32))
+    head, _ = weighted_mean(group_heads, jnp.asarray(weights, jnp.float32), fallback=prev_head)
     return lora, head
 
 
