@@ -278,12 +278,23 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     return cfg
 
 
+# Layer counts of common checkpoints, so configs are validated offline before any download.
+KNOWN_LAYERS = {
+    "roberta-base": 12, "FacebookAI/roberta-base": 12, "roberta-large": 24, "FacebookAI/roberta-large": 24,
+    "bert-base-uncased": 12, "google-bert/bert-base-uncased": 12,
+    "microsoft/deberta-base": 12, "microsoft/deberta-large": 24,
+    "microsoft/deberta-v3-base": 12, "microsoft/deberta-v3-large": 24,
+}
+
+
 def model_num_layers(cfg: ExperimentConfig) -> int | None:
     """Layer count from the model's config.json without loading weights (None if unreachable)."""
     import json
 
     if cfg.model.name == "tiny":
         return cfg.model.tiny.num_layers
+    if cfg.model.name in KNOWN_LAYERS:
+        return KNOWN_LAYERS[cfg.model.name]
     try:
         from hfl_jax.models.hub import resolve_model_dir
         return int(json.loads((resolve_model_dir(cfg.model.name) / "config.json").read_text())["num_hidden_layers"])
@@ -291,17 +302,39 @@ def model_num_layers(cfg: ExperimentConfig) -> int | None:
         return None
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config file as a dict. A top-level ``base: other.yaml`` (relative to this file) is loaded
+    first and this file's keys are deep-merged over it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: circular 'base'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
                 check_model: bool = True) -> ExperimentConfig:
     """YAML file (and/or dict) + dotted overrides -> validated :class:`ExperimentConfig`."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        raw = read_yaml(path)
     if data:
         raw = {**raw, **data}
     raw = apply_overrides(raw, list(overrides))

@@ -1,0 +1,43 @@
+"""Every committed experiment config loads and validates offline (paper-scale ones are not run)."""
+from pathlib import Path
+
+import pytest
+
+from hfl_jax.config import ConfigError, load_config, read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "experiments" / "configs").rglob("*.yaml") if p.name != "base.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments" / "configs")))
+def test_committed_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.train.rounds >= 1
+
+
+def test_paper_scale_configs_are_committed():
+    paper = {load_config(p).name: load_config(p) for p in (ROOT / "experiments/configs/paper").glob("*.yaml")}
+    assert {c.data.task for c in paper.values()} == {"sst2", "qnli", "qqp", "mnli"}
+    for c in paper.values():
+        assert c.partition.num_devices == 80
+        assert c.model.name in ("FacebookAI/roberta-base", "microsoft/deberta-large")
+    with pytest.raises(ConfigError, match="algorithm.depths"):
+        load_config(ROOT / "experiments/configs/paper/roberta_base_sst2.yaml", ["algorithm.depths=[1,13]"])
+
+
+def test_base_inheritance_and_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {rounds: 3}\n")
+    (tmp_path / "b.yaml").write_text("name: from_b\ntrain: {rounds: 9, batch_size: 4}\n")
+    merged = read_yaml(tmp_path / "a.yaml")
+    assert merged == {"name": "from_b", "train": {"rounds": 3, "batch_size": 4}}
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        read_yaml(tmp_path / "a.yaml")
+
+
+def test_wrong_types_and_values_name_the_key():
+    for override, key in [("lora.targets=query", "lora.targets"), ("train.lr=0", "train.lr"),
+                          ("partition.alpha=-1", "partition.alpha"), ("seed=1.5", "seed"),
+                          ("algorithm.name=fedsgd", "algorithm.name")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(ROOT / "experiments/configs/smoke.yaml", [override])
