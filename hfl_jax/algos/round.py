@@ -182,6 +182,8 @@ def run_round(setup: Setup, state: RunState) -> tuple[RunState, dict]:
                 rec["infeasible_fallback"] = True
             arm, info = bandit.select(bandits[k], ok, seed=int(rng.integers(2**31)))
             rec["explore"] = info["explore"]
+            # the pull's full log: UCB index per arm (None: unplayed or infeasible)
+            rec["ucb_index"] = [float(x) if np.isfinite(x) else None for x in info["index"]]
         else:
             arm = 0
         depth, tau = int(setup.arm_depths[arm]), int(setup.arm_taus[arm])
