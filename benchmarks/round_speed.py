@@ -325,6 +325,10 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
     times = time_it(one_round, repeats, warmup=0)
     flops = step_flops(cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
     attn = getattr(tmodel.config, "_attn_implementation", "?")
+    load = os.getloadavg()[0]
+    if threads >= (os.cpu_count() or 1) and load > 1.0:
+        print(f"[torch: {threads} threads on {os.cpu_count()} cores at load {load:.1f}: PyTorch's backward degrades "
+              f"badly when its threads lose a core; compare with --torch-threads 1]")
     return Result("torch", w, warm, times, flops, None, rss_peak_bytes(),
                   note=f"torch {torch.__version__}, {threads} threads, attention={attn}; "
                        f"compile column = first (warm-up) round")
