@@ -147,10 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA executables across runs (``$HFL_JAX_CACHE``, default
+    ``~/.cache/hfl_jax/xla``; ``HFL_JAX_CACHE=off`` disables). Results are unchanged:
+    the cache only skips recompiling the same programs."""
+    import os
+
+    import jax
+
+    path = os.environ.get("HFL_JAX_CACHE", str(Path.home() / ".cache" / "hfl_jax" / "xla"))
+    if path.lower() in ("off", "0", "none", ""):
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hfl_jax").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "resume", "partition"):
+        enable_compilation_cache()
     return args.fn(args)
 
 

@@ -64,27 +64,23 @@ class DeviceAxis:
     def _sharding(self, spec: P):
         return None if self.mesh is None else NamedSharding(self.mesh, spec)
 
-    def put(self, tree: Any) -> Any:
-        """Host arrays with a leading device axis -> arrays sharded along it."""
+    def _place(self, tree: Any, spec: P) -> Any:
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
-        sharding = self._sharding(P(AXIS))
+        sharding = self._sharding(spec)
 
         def put_one(x):
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
         return jax.tree.map(put_one, tree)
+
+    def put(self, tree: Any) -> Any:
+        """Host arrays with a leading device axis -> arrays sharded along it."""
+        return self._place(tree, P(AXIS))
 
     def replicate(self, tree: Any) -> Any:
         """Host (or device) arrays -> fully replicated arrays."""
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
-        sharding = self._sharding(P())
-
-        def put_one(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-        return jax.tree.map(put_one, tree)
+        return self._place(tree, P())
 
     def constrain(self, tree: Any, sharded: bool = True) -> Any:
         """Inside jit: pin arrays to device-axis sharding (``sharded``) or replication."""
