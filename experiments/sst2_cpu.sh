@@ -11,15 +11,15 @@ run() {  # run OUTDIR CONFIG [--set ...]
   local dir=$1; shift
   if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; return; fi
   if [ -d "$dir/checkpoints" ]; then hfl-jax resume "$dir" --quiet >/dev/null; else
-    local start=$SECONDS; hfl-jax run "$@" --out "$dir" --quiet >/dev/null; fi
+    hfl-jax run "$@" --out "$dir" --quiet >/dev/null; fi
   log "done $dir"
 }
 
-# 1. Learning-rate search: the same three values for each main method, alpha 0.1, seed 0, 9 rounds.
-#    Ablations reuse HierFedLoRA's choice. Criterion: best validation accuracy within the 9 rounds.
+# 1. Learning-rate search: the same three values for each main method, alpha 0.1, seed 0, 10 rounds.
+#    Ablations reuse HierFedLoRA's choice. Criterion: best validation accuracy within the 10 rounds (ties: lower final loss).
 for m in hierfedlora fedlora hetlora; do
   for lr in 0.0003 0.001 0.003; do
-    run "$OUT/lr_search/${m}_lr$lr" "$CFG/$m.yaml" --set train.lr=$lr --set train.rounds=9
+    run "$OUT/lr_search/${m}_lr$lr" "$CFG/$m.yaml" --set train.lr=$lr --set train.rounds=10
   done
 done
 python3 - "$OUT" <<'PY'
@@ -28,8 +28,9 @@ from pathlib import Path
 out = Path(sys.argv[1])
 best = {}
 for m in ("hierfedlora", "fedlora", "hetlora"):
-    scores = {float(p.name.split("_lr")[1]): json.loads((p / "summary.json").read_text())["best_accuracy"]
-              for p in (out / "lr_search").glob(f"{m}_lr*")}
+    summaries = {float(p.name.split("_lr")[1]): json.loads((p / "summary.json").read_text())
+                 for p in (out / "lr_search").glob(f"{m}_lr*")}
+    scores = {lr: (s["best_accuracy"], -s["final_loss"]) for lr, s in summaries.items()}
     best[m] = max(sorted(scores), key=lambda lr: scores[lr])
     print(m, scores, "->", best[m])
 for m in ("hierfedlora_random_groups", "hierfedlora_fixed"):
@@ -38,15 +39,15 @@ for m in ("hierfedlora_random_groups", "hierfedlora_fixed"):
 PY
 
 # 2. Main runs.
-for alpha in 0.1 1.0; do
-  for m in hierfedlora fedlora hetlora hierfedlora_random_groups hierfedlora_fixed; do
-    lr=$(python3 -c "import json; print(json.load(open('$OUT/lr.json'))['$m'])")
-    for seed in 0 1; do
-      run "$OUT/runs/alpha$alpha/${m}_s$seed" "$CFG/$m.yaml" --set partition.alpha=$alpha --set seed=$seed \
-        --set train.lr=$lr
-    done
-  done
-done
+#    Order: the three main methods first (both alphas, both seeds), then the two ablations.
+main() {  # main METHOD ALPHA SEED
+  local lr; lr=$(python3 -c "import json; print(json.load(open('$OUT/lr.json'))['$1'])")
+  run "$OUT/runs/alpha$2/${1}_s$3" "$CFG/$1.yaml" --set partition.alpha=$2 --set seed=$3 --set train.lr=$lr
+}
+for alpha in 0.1 1.0; do for seed in 0 1; do for m in hierfedlora fedlora hetlora; do
+  main $m $alpha $seed; done; done; done
+for alpha in 0.1 1.0; do for seed in 0 1; do for m in hierfedlora_random_groups hierfedlora_fixed; do
+  main $m $alpha $seed; done; done; done
 
 # 3. Tables and plots (one per alpha).
 for alpha in 0.1 1.0; do
