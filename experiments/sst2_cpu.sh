@@ -10,8 +10,8 @@ log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timing.log"; }
 run() {  # run OUTDIR CONFIG [--set ...]
   local dir=$1; shift
   if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; return; fi
-  if [ -d "$dir/checkpoints" ]; then hfl-jax resume "$dir" --quiet >/dev/null; else
-    hfl-jax run "$@" --out "$dir" --quiet >/dev/null; fi
+  if [ -d "$dir/checkpoints" ]; then python3 -m hfl_jax resume "$dir" --quiet >/dev/null; else
+    python3 -m hfl_jax run "$@" --out "$dir" --quiet >/dev/null; fi
   log "done $dir"
 }
 
@@ -51,6 +51,6 @@ for alpha in 0.1 1.0; do for seed in 0 1; do for m in hierfedlora_random_groups 
 
 # 3. Tables and plots (one per alpha).
 for alpha in 0.1 1.0; do
-  hfl-jax report "$OUT"/runs/alpha$alpha/* --out "$OUT/plots_alpha$alpha" > "$OUT/report_alpha$alpha.md"
+  python3 -m hfl_jax report "$OUT"/runs/alpha$alpha/* --out "$OUT/plots_alpha$alpha" > "$OUT/report_alpha$alpha.md"
 done
 log "all done"

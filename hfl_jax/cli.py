@@ -47,10 +47,7 @@ def cmd_run(args) -> int:
     except ConfigError as e:
         return _fail(str(e))
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    try:
-        summary = driver.run(cfg, out, progress=None if args.quiet else _progress(cfg.train.rounds))
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e).splitlines()[0] if args.quiet else str(e))
+    summary = driver.run(cfg, out, progress=None if args.quiet else _progress(cfg.train.rounds))
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
     return 0
@@ -166,9 +163,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hfl_jax").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
     args = build_parser().parse_args(argv)
+    import os
+
+    if os.environ.get("HFL_DISTRIBUTED") == "1":   # multi-host: one process per host, same command
+        import jax
+        jax.distributed.initialize()
     if args.command in ("run", "resume", "partition"):
         enable_compilation_cache()
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted; `hfl-jax resume DIR` continues from the last checkpoint")
+    except Exception as e:  # one line for users; HFL_DEBUG=1 shows the traceback
+        if os.environ.get("HFL_DEBUG") == "1":
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        return _fail(f"{type(e).__name__}: {first} (HFL_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):   # YAML 1.1 reads "100e6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -224,7 +229,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r} ({str(e).splitlines()[0]})") from None
     return data
 
 
@@ -245,6 +253,19 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
                    ("checkpoint.keep", cfg.checkpoint.keep), ("algorithm.fixed_tau", a.fixed_tau)]:
         _require(v >= 1, key, f"must be >= 1, got {v}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.time_budget is None or t.time_budget > 0, "train.time_budget", "must be > 0 (seconds)")
+    for key, v in [("data.train_subset", cfg.data.train_subset), ("data.eval_subset", cfg.data.eval_subset)]:
+        _require(v is None or v >= 1, key, f"must be >= 1, got {v}")
+    _require(p.min_samples >= 0, "partition.min_samples", f"must be >= 0, got {p.min_samples}")
+    _require(p.classes_per_device >= 1, "partition.classes_per_device", "must be >= 1")
+    _require(p.beta > 0, "partition.beta", f"must be > 0, got {p.beta}")
+    _require(cfg.devices.edge_cloud_bandwidth > 0, "devices.edge_cloud_bandwidth", "must be > 0 (bytes/s)")
+    _require(0 <= cfg.devices.bandwidth_jitter < 1, "devices.bandwidth_jitter", "must be in [0, 1)")
+    _require(a.bandit.time_budget is None or a.bandit.time_budget > 0, "algorithm.bandit.time_budget",
+             "must be > 0 (seconds)")
+    _require(l.alpha > 0, "lora.alpha", f"must be > 0, got {l.alpha}")
     _require(t.optimizer in ("adamw", "adam", "sgd"), "train.optimizer", f"unknown optimizer {t.optimizer!r}")
     _require(0 < t.participation <= 1, "train.participation", f"must be in (0, 1], got {t.participation}")
     _require(0 < t.availability <= 1, "train.availability", f"must be in (0, 1], got {t.availability}")
@@ -266,6 +287,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
         _require(len(h.ranks) > 0 and min(h.ranks) >= 1 and max(h.ranks) <= l.rank, "algorithm.hetlora.ranks",
                  f"must be ints in [1, lora.rank={l.rank}], got {list(h.ranks)}")
     _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
+    _require(h.min_rank >= 1, "algorithm.hetlora.min_rank", f"must be >= 1, got {h.min_rank}")
+    _require(h.prune_threshold >= 0, "algorithm.hetlora.prune_threshold", "must be >= 0")
     if t.target_accuracy is not None:
         _require(0 < t.target_accuracy <= 1, "train.target_accuracy", "must be in (0, 1]")
     if num_layers is not None:

@@ -25,7 +25,8 @@ from hfl_jax.algos import resolve
 from hfl_jax.algos import grouping as grouping_lib
 from hfl_jax.algos import hetlora as hetlora_lib
 from hfl_jax.algos import rucb as rucb_lib
-from hfl_jax.algos.round import RunState, Setup, bandit_of, run_round
+from hfl_jax.algos.round import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROFILES, SALT_SUBSET,
+                                RunState, Setup, bandit_of, run_round)
 from hfl_jax.config import ExperimentConfig, load_config, to_dict
 from hfl_jax.fed.device_axis import DeviceAxis, make_mesh
 from hfl_jax.fed.engine import make_evaluate
@@ -33,6 +34,11 @@ from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_array
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 
 log = logging.getLogger("hfl_jax")
+
+
+def sub_seed(seed: int, salt: int) -> int:
+    """An independent integer seed for one purpose (partition, profiles, groups, ...)."""
+    return int(np.random.SeedSequence([seed, salt]).generate_state(1)[0])
 
 
 # --- setup -----------------------------------------------------------------------------------------
@@ -66,7 +72,7 @@ def load_data(cfg: ExperimentConfig):
         ds = load_task(d.task, split, data_dir=d.data_dir, custom=d.custom)
         tok = tokenize_dataset(ds, tokenizer, d.max_length)
         if subset is not None and subset < len(tok["labels"]):
-            idx = np.sort(np.random.default_rng([cfg.seed, 11 if split == "train" else 12]).choice(
+            idx = np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 0 if split == "train" else 1]).choice(
                 len(tok["labels"]), subset, replace=False))
             tok = {k: v[idx] for k, v in tok.items()}
         out.append(tok)
@@ -81,14 +87,14 @@ def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndar
     kw = {"dirichlet": {"alpha": p.alpha, "min_samples": p.min_samples},
           "pathological": {"classes_per_device": p.classes_per_device},
           "quantity": {"beta": p.beta}, "iid": {}}[p.method]
-    return partition(labels, p.num_devices, p.method, cfg.seed, **kw)
+    return partition(labels, p.num_devices, p.method, sub_seed(cfg.seed, SALT_PARTITION), **kw)
 
 
 def device_profiles(cfg: ExperimentConfig) -> dict:
     d = cfg.devices
     n = cfg.partition.num_devices
     profiles = load_profiles(d.profiles) if d.profiles else draw_profiles(
-        n, tiers=d.tiers, seed=cfg.seed, bandwidth_jitter=d.bandwidth_jitter)
+        n, tiers=d.tiers, seed=sub_seed(cfg.seed, SALT_PROFILES), bandwidth_jitter=d.bandwidth_jitter)
     if len(profiles) != n:
         raise ValueError(f"devices.profiles has {len(profiles)} profiles but partition.num_devices={n}")
     return profiles_to_arrays(profiles)
@@ -98,9 +104,9 @@ def group_assignment(cfg: ExperimentConfig, spec, label_counts: np.ndarray, spee
     if spec.grouping == "single":
         return np.zeros(len(label_counts), np.int64)
     if spec.grouping == "random":
-        return grouping_lib.random_groups(len(label_counts), spec.num_groups, seed=cfg.seed)
+        return grouping_lib.random_groups(len(label_counts), spec.num_groups, seed=sub_seed(cfg.seed, SALT_GROUPS))
     return grouping_lib.group_devices(label_counts, spec.num_groups, speeds=speeds, lam=cfg.algorithm.lam,
-                                      seed=cfg.seed)
+                                      seed=sub_seed(cfg.seed, SALT_GROUPS))
 
 
 def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis) -> tuple:
@@ -176,7 +182,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
         rank=cfg.lora.rank, targets=tuple(cfg.lora.targets), participation=cfg.train.participation,
         availability=cfg.train.availability, bandit=cfg.algorithm.bandit, hetlora=cfg.algorithm.hetlora,
         edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
-    lora = init_lora(jax.random.fold_in(key, 0x10A), model.cfg,
+    lora = init_lora(jax.random.fold_in(key, SALT_LORA_INIT), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
     trainable = axis.replicate({"lora": lora, "head": params["head"]})
     if spec.aggregator == "hetlora":
@@ -227,46 +233,61 @@ def _write_jsonl(path: Path, records: list) -> None:
     os.replace(tmp, path)
 
 
+def stop_reason(history: list, state: RunState, t) -> str | None:
+    """Why the run is over (``"target_accuracy"``, ``"time_budget"``, ``"rounds"``), or None."""
+    if t.target_accuracy is not None and history and history[-1].get("eval_accuracy", -1) >= t.target_accuracy:
+        return "target_accuracy"
+    if t.time_budget is not None and state.sim_time >= t.time_budget:
+        return "time_budget"
+    if state.round >= t.rounds:
+        return "rounds"
+    return None
+
+
+def is_main_process() -> bool:
+    """Host files (metrics, summary, plots) are written by process 0 only; checkpoints by all (orbax)."""
+    return jax.process_index() == 0
+
+
 def train_loop(exp: Experiment, out_dir: Path, state: RunState, history: list,
                progress: Callable[[dict], None] | None = None) -> dict:
-    """Runs rounds from ``state`` to the end; writes metrics.jsonl, checkpoints and summary.json."""
+    """Runs rounds from ``state`` until a stop condition; writes metrics.jsonl, checkpoints, summary.json.
+
+    The global model is evaluated every ``train.eval_every`` rounds and always at the last round.
+    A resumed run that had already stopped does no further round.
+    """
     cfg, setup = exp.cfg, exp.setup
     t = cfg.train
+    main = is_main_process()
     evaluate = make_evaluate(setup.model)
     mgr = ckpt.manager(out_dir / "checkpoints", cfg.checkpoint.keep)
     metrics_path = out_dir / "metrics.jsonl"
-    _write_jsonl(metrics_path, history)   # drop lines past the checkpoint we resumed from
-    writer = _tensorboard(out_dir) if cfg.tensorboard else None
-    reached = next((h["round"] for h in history if h.get("eval_accuracy", -1) >= (t.target_accuracy or 2)), None)
-    stop_reason = "rounds"
-    while state.round < t.rounds:
+    if main:
+        _write_jsonl(metrics_path, history)   # drop lines past the checkpoint we resumed from
+    writer = _tensorboard(out_dir) if (cfg.tensorboard and main) else None
+    while stop_reason(history, state, t) is None:
         start = time.perf_counter()
         state, record = run_round(setup, state)
-        if state.round % t.eval_every == 0 or state.round == t.rounds:
+        if state.round % t.eval_every == 0 or stop_reason(history, state, t) is not None:
             loss, acc = evaluate(state.trainable, setup.base, exp.eval_data)
             record["eval_loss"], record["eval_accuracy"] = float(loss), float(acc)
         record["wall_time"] = time.perf_counter() - start
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         _fault_point(state.round)
         if writer is not None:
             writer(record)
-        done = state.round >= t.rounds
-        if t.target_accuracy is not None and record.get("eval_accuracy", -1) >= t.target_accuracy:
-            reached = reached or state.round
-            done, stop_reason = True, "target_accuracy"
-        if t.time_budget is not None and state.sim_time >= t.time_budget:
-            done, stop_reason = True, "time_budget"
+        done = stop_reason(history, state, t) is not None
         if state.round % cfg.checkpoint.every == 0 or done:
             ckpt.save(mgr, state.round, state.trainable, _meta(state, history, setup.assignment))
         if progress is not None:
             progress(record)
-        if done:
-            break
     summary = summarize(history, cfg)
-    summary["stop_reason"] = stop_reason
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["stop_reason"] = stop_reason(history, state, t)
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -320,10 +341,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None) -> dict:
         raise FileExistsError(f"{out_dir} already holds a run; use `hfl-jax resume {out_dir}` or another --out")
     exp = build(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir)
-    write_partition(exp, out_dir)
+    if is_main_process():
+        save_config(cfg, out_dir)
+        write_partition(exp, out_dir)
     summary = train_loop(exp, out_dir, exp.initial, [], progress)
-    write_plots(out_dir)
+    if is_main_process():
+        write_plots(out_dir)
     return summary
 
 
@@ -346,7 +369,8 @@ def resume(out_dir: str | Path, progress=None) -> dict:
         state = _state_from(meta, exp.setup.axis.replicate(trainable))
         history = meta["history"]
     summary = train_loop(exp, out_dir, state, history, progress)
-    write_plots(out_dir)
+    if is_main_process():
+        write_plots(out_dir)
     return summary
 
 

@@ -30,6 +30,9 @@ from hfl_jax.fed.engine import make_group_round, make_probe
 from hfl_jax.models.encoder import EncoderModel
 
 PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
+# Salts that give every purpose its own random stream (shared with hfl_jax.driver).
+SALT_ROUNDS, SALT_PARTICIPATION, SALT_LORA_INIT = 1, 2, 3
+SALT_PARTITION, SALT_PROFILES, SALT_GROUPS, SALT_SUBSET = 11, 12, 13, 14
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,7 +75,7 @@ class RunState:
     round: int
     trainable: Any                     # {"lora": LoRA, "head": ...} global model
     bandits: tuple                     # per group RUCBState
-    reward_scale: np.ndarray           # [K] running max of |progress rate| per group (reward normaliser)
+    reward_scale: np.ndarray           # [K] EMA (factor bandit.gamma) of |progress rate| per group (reward normaliser)
     ranks: np.ndarray                  # [N] LoRA rank of each device (HetLoRA; else all = lora.rank)
     sim_time: float                    # simulated seconds so far
     bytes_up: float                    # all levels, cumulative
@@ -113,6 +116,8 @@ def group_cost(setup: Setup, ids: np.ndarray, ranks: np.ndarray, depth: int, tau
     Devices download every layer's adapters at the first intra-group round (the bottom layers
     may have changed globally) and only their top ``depth`` layers afterwards; they upload their
     top ``depth`` layers plus the head each time. A hierarchical algorithm adds the edge-cloud hop.
+    A bandit-driven algorithm also pays for its progress probe: two forward passes of one batch
+    per device, and one more download of the group model's top ``depth`` layers plus the head.
     """
     cfg, L = setup.model.cfg, setup.model.num_layers
     prof = {k: v[ids] for k, v in setup.profiles.items() if k != "name"}
@@ -123,9 +128,16 @@ def group_cost(setup: Setup, ids: np.ndarray, ranks: np.ndarray, depth: int, tau
     head = timemodel.head_bytes(cfg)
     up_d = _per_rank(lambda r: timemodel.lora_bytes(cfg, depth, r, setup.targets) + head, ranks)
     down_full = _per_rank(lambda r: timemodel.lora_bytes(cfg, L, r, setup.targets) + head, ranks)
+    if setup.spec.selection == "rucb":
+        fwd = timemodel.forward_flops(cfg, setup.batch_size, setup.seq_len, setup.rank, setup.targets)
+        probe_dl = _per_rank(lambda r: timemodel.lora_bytes(cfg, depth, r, setup.targets) + head, ranks)
+        later = later + 2 * fwd / prof["flops"] / tau + probe_dl / prof["down_bw"] / tau
+        first = first + (2 * fwd / prof["flops"] + probe_dl / prof["down_bw"]) / tau
     time = float(first.max()) + (tau - 1) * float(later.max())
     up = tau * up_d.sum()
     down = down_full.sum() + (tau - 1) * up_d.sum()
+    if setup.spec.selection == "rucb":
+        down = down + probe_dl.sum()
     if setup.spec.hierarchical:
         g_up = timemodel.lora_bytes(cfg, depth, setup.rank, setup.targets) + head
         g_down = timemodel.lora_bytes(cfg, L, setup.rank, setup.targets) + head
@@ -154,8 +166,8 @@ def run_round(setup: Setup, state: RunState) -> tuple[RunState, dict]:
     """One global round. Returns the new state and the round's record (for metrics.jsonl)."""
     r = state.round
     model, L = setup.model, setup.model.num_layers
-    round_key = jax.random.fold_in(setup.key, r)
-    rng = np.random.default_rng([setup.seed, r, 7])
+    round_key = jax.random.fold_in(jax.random.fold_in(setup.key, SALT_ROUNDS), r)
+    rng = np.random.default_rng([setup.seed, SALT_PARTICIPATION, r])
     present_all = sample_participation(len(setup.counts), setup.participation, setup.availability,
                                        setup.assignment, rng)
     bandit = bandit_of(setup)
@@ -210,8 +222,11 @@ def run_round(setup: Setup, state: RunState) -> tuple[RunState, dict]:
         cost = group_cost(setup, ids[present], ranks[present], depth, tau)
         if setup.spec.selection == "rucb":
             rate = (before - after) / max(cost["time"], 1e-12)
-            scales[k] = max(scales[k], abs(rate), 1e-12)
-            reward = rucb_lib.reward_from_progress(before, after, cost["time"], scales[k])
+            ref = scales[k] if scales[k] > 0 else max(abs(rate), 1e-12)
+            # reward 0.5 at the group's typical progress rate (EMA of past |rates|), 1 at twice it
+            reward = rucb_lib.reward_from_progress(before, after, cost["time"], 2.0 * ref)
+            g = setup.bandit.gamma
+            scales[k] = g * ref + (1 - g) * max(abs(rate), 1e-12)
             budget = setup.bandit.time_budget
             bandits[k] = bandit.update(bandits[k], arm, reward,
                                        **({"time": cost["time"], "budget": budget} if budget else {}))

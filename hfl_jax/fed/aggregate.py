@@ -115,22 +115,26 @@ def rank_mask(ranks: Array, max_rank: int) -> Array:
     return jnp.arange(max_rank)[None, :] < jnp.asarray(ranks)[:, None]
 
 
-def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array) -> LoRA:
+def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array, prev: LoRA | None = None) -> LoRA:
     """Zero-padding aggregation of adapters with different ranks (HetLoRA).
 
     ``lora`` leaves are ``[M, L, in, r_max]`` (A) and ``[M, L, r_max, out]`` (B),
     each device zero-padded beyond its own rank. Rank component ``j`` is the
     weighted mean over the devices that hold it:
     ``A[..., j] = sum_m w_m 1[j < r_m] A_m[..., j] / sum_m w_m 1[j < r_m]``
-    (a component nobody holds stays 0). HetLoRA's sparsity weights are passed in
-    ``weights`` (see :mod:`hfl_jax.algos.hetlora`).
+    A component no (weighted) device holds keeps ``prev``'s value (0 without ``prev``).
+    HetLoRA's sparsity weights are passed in ``weights`` (see :mod:`hfl_jax.algos.hetlora`).
     """
     r_max = lora.rank
     wm = rank_mask(ranks, r_max) * jnp.asarray(weights, jnp.float32)[:, None]   # [M, r]
+    held = wm.sum(0) > 0                                                         # [r]
     total = jnp.maximum(wm.sum(0), 1e-30)                                        # [r]
     out = {}
     for t, ab in lora.weights.items():
         A = jnp.einsum("mr,m...r->...r", wm, ab["A"]) / total
         B = jnp.einsum("mr,m...ro->...ro", wm, ab["B"]) / total[:, None]
+        if prev is not None:
+            A = jnp.where(held, A, prev.weights[t]["A"])
+            B = jnp.where(held[:, None], B, prev.weights[t]["B"])
         out[t] = {"A": A, "B": B}
     return LoRA(out, lora.scale)

@@ -31,13 +31,17 @@ class GroupRoundMetrics(NamedTuple):
     weight: Array    # [M] aggregation weight actually used
 
 
-def update_norms(new: Any, old: Any) -> Array:
-    """``[M]`` HetLoRA sparsity weights: ``sqrt(sum_targets,layers ||A'B' - AB||_F^2)`` per device."""
+def update_norms(new: Any, old: Any, ranks: Array) -> Array:
+    """``[M]`` HetLoRA sparsity weights: ``sqrt(sum_targets,layers ||A'_m B'_m - A_{:r_m} B_{:r_m}||_F^2)``,
+    each device's update against the rank-``r_m`` truncation it received."""
+    keep = (jnp.arange(old["lora"].rank)[None, :] < ranks[:, None]).astype(jnp.float32)   # [M, r]
+
     def delta(ab_new, ab_old):
+        a_old = ab_old["A"][None] * keep.reshape(keep.shape[0], *(1,) * (ab_old["A"].ndim - 1), -1)
         return (jnp.einsum("m...ir,m...ro->m...io", ab_new["A"], ab_new["B"])
-                - jnp.einsum("...ir,...ro->...io", ab_old["A"], ab_old["B"])[None])
+                - jnp.einsum("m...ir,...ro->m...io", a_old, ab_old["B"]))
     sq = [jnp.square(delta(new["lora"].weights[t], old["lora"].weights[t])).reshape(
-        jax.tree.leaves(new)[0].shape[0], -1).sum(1) for t in new["lora"].weights]
+        keep.shape[0], -1).sum(1) for t in new["lora"].weights]
     return jnp.sqrt(sum(sq))
 
 
@@ -76,10 +80,8 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
         used = jnp.where(finite, weights, 0.0)
         if aggregator == "hetlora":
             clean = jax.tree.map(lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), new)
-            sparsity = used * update_norms(clean, trainable)
-            lora = rank_padded_mean(clean["lora"], ranks, sparsity)
-            agg = dict(agg, lora=jax.tree.map(lambda a, b: jnp.where(sparsity.sum() > 0, a, b),
-                                              lora, trainable["lora"]))
+            sparsity = used * update_norms(clean, trainable, ranks)
+            agg = dict(agg, lora=rank_padded_mean(clean["lora"], ranks, sparsity, prev=trainable["lora"]))
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         return agg, axis.constrain(out, sharded=False)
 
