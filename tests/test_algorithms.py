@@ -97,3 +97,24 @@ def test_hetlora_rank_assignment_and_pruning():
     # rank 8 -> 4 drops components 4..7 (norm 0.02) vs kept (norm ~1.58): pruned at threshold 0.05
     # rank 4 -> 2 drops components 2..3 (norm 0.71) vs kept (1.41): kept
     np.testing.assert_array_equal(hetlora_lib.prune_ranks(np.array([8, 4]), norms, 0.5, 0.05, 1), [4, 4])
+
+
+def test_hetlora_component_nobody_holds_keeps_previous_value():
+    A = jnp.ones((2, 1, 1, 3))
+    B = jnp.ones((2, 1, 3, 1))
+    prev = LoRA({"query": {"A": jnp.full((1, 1, 3), 9.0), "B": jnp.full((1, 3, 1), 9.0)}}, 1.0)
+    out = rank_padded_mean(LoRA({"query": {"A": A, "B": B}}, 1.0), jnp.array([1, 2]), jnp.array([1.0, 1.0]), prev)
+    np.testing.assert_allclose(np.asarray(out.weights["query"]["A"])[0, 0], [1.0, 1.0, 9.0])
+    np.testing.assert_allclose(np.asarray(out.weights["query"]["B"])[0, :, 0], [1.0, 1.0, 9.0])
+
+
+def test_probe_cost_is_charged_to_bandit_algorithms(monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    from hfl_jax.algos.round import group_cost
+    exp = build(load_config(SMOKE))
+    ids, ranks = np.arange(4), np.full(4, 4)
+    with_probe = group_cost(exp.setup, ids, ranks, 2, 1)
+    fixed = dataclasses.replace(exp.setup, spec=dataclasses.replace(exp.setup.spec, selection="fixed",
+                                                                     fixed_arm=(2, 1)))
+    without = group_cost(fixed, ids, ranks, 2, 1)
+    assert with_probe["time"] > without["time"] and with_probe["bytes_down"] > without["bytes_down"]

@@ -38,6 +38,15 @@ def test_base_inheritance_and_cycles(tmp_path):
 def test_wrong_types_and_values_name_the_key():
     for override, key in [("lora.targets=query", "lora.targets"), ("train.lr=0", "train.lr"),
                           ("partition.alpha=-1", "partition.alpha"), ("seed=1.5", "seed"),
-                          ("algorithm.name=fedsgd", "algorithm.name")]:
+                          ("algorithm.name=fedsgd", "algorithm.name"), ("seed=-1", "seed"),
+                          ("devices.edge_cloud_bandwidth=0", "devices.edge_cloud_bandwidth"),
+                          ("data.train_subset=0", "data.train_subset"),
+                          ("algorithm.hetlora.min_rank=0", "algorithm.hetlora.min_rank"),
+                          ("lora.targets=[query,", "lora.targets")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(ROOT / "experiments/configs/smoke.yaml", [override])
+
+
+def test_exponent_without_dot_is_a_number():
+    cfg = load_config(ROOT / "experiments/configs/smoke.yaml", ["devices.edge_cloud_bandwidth=100e6"])
+    assert cfg.devices.edge_cloud_bandwidth == 1e8

@@ -103,3 +103,20 @@ def test_partition_command(tmp_path):
     info = json.loads((tmp_path / "p" / "partition.json").read_text())
     assert len(info["assignment"]) == 8 and set(info["assignment"]) == {0, 1}
     assert "group" in r.stdout and "KL" in r.stdout
+
+
+def test_resuming_a_finished_run_adds_no_round(smoke_run, tmp_path):
+    import shutil
+    copy = tmp_path / "done"
+    shutil.copytree(smoke_run, copy)
+    before = (copy / "metrics.jsonl").read_text()
+    r = hfl("resume", copy, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (copy / "metrics.jsonl").read_text() == before
+
+
+def test_runtime_errors_are_one_line(tmp_path):
+    r = hfl("run", SMOKE, "--set", "data.custom.train=no/such/file.csv", "--out", tmp_path / "x")
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith("WARNING")]
+    assert len(lines) == 1 and "hfl-jax: error:" in lines[0], r.stderr
