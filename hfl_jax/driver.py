@@ -112,12 +112,31 @@ def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis) -> tuple:
     return tuple(out)
 
 
-def _group_data(data, slots: np.ndarray, axis: DeviceAxis):
+def _group_data(data, slots: np.ndarray, prepare: Callable = lambda d: d):
+    """A group's host DeviceData: one row per slot (padding slots empty), then ``prepare``d."""
     real = slots >= 0
     rows = jax.tree.map(lambda x: np.asarray(x)[np.where(real, slots, 0)], data)
     rows = rows.replace(counts=np.where(real, rows.counts, 0).astype(np.int32),
                         valid=rows.valid & real[:, None])
-    return axis.put(rows)
+    return prepare(rows)
+
+
+def _data_preparer(cfg: ExperimentConfig, model, base: dict, cached: int) -> Callable:
+    """``prepare(host_data) -> host_data``: trims padding to a length bucket (``data.trim_padding``)
+    and attaches the cached bottom-layer outputs (``train.cache_frozen_layers``)."""
+    from hfl_jax.data import trim_padding
+    from hfl_jax.fed.frozen_cache import attach_hidden
+
+    d = cfg.data
+    buckets = d.length_buckets if d.length_buckets is not None else d.length_multiple
+
+    def prepare(data):
+        if d.trim_padding:
+            data = trim_padding(data, buckets)
+        if cached:
+            data = attach_hidden(data, model, base, cached, cfg.train.eval_batch_size)
+        return data
+    return prepare
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
@@ -167,9 +186,18 @@ def build(cfg: ExperimentConfig) -> Experiment:
         depths, taus = rucb_lib.make_arms(spec.depths, spec.taus)
     key = jax.random.PRNGKey(cfg.seed)
     base = {k: v for k, v in params.items() if k != "head"}
+    cached = 0
+    if cfg.train.cache_frozen_layers:
+        from hfl_jax.fed.frozen_cache import cached_layers
+        cached = cached_layers(depths, model.num_layers)
+        if cached == 0:
+            raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm of depth "
+                             f"{model.num_layers} = every layer, so no layer is frozen for all arms; turn it off "
+                             f"or use a depth grid below {model.num_layers}")
+    prepare = _data_preparer(cfg, model, base, cached)
     setup = Setup(
         model=model, base=axis.replicate(base), assignment=assignment, group_slots=slots,
-        group_data=tuple(_group_data(data, s, axis) for s in slots), counts=np.asarray(data.counts),
+        group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots), counts=np.asarray(data.counts),
         profiles=profiles, spec=spec, arm_depths=np.asarray(depths), arm_taus=np.asarray(taus),
         optimizer=make_optimizer(cfg), axis=axis, key=key, seed=cfg.seed, seq_len=cfg.data.max_length,
         n_max=data.n_max, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
@@ -178,6 +206,9 @@ def build(cfg: ExperimentConfig) -> Experiment:
         edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
     lora = init_lora(jax.random.fold_in(key, 0x10A), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
+    if cached:
+        from hfl_jax.fed.frozen_cache import check_untouched
+        check_untouched(lora, cached)
     trainable = axis.replicate({"lora": lora, "head": params["head"]})
     if spec.aggregator == "hetlora":
         ranks = hetlora_lib.assign_ranks(profiles["flops"], cfg.algorithm.hetlora.ranks)
@@ -186,7 +217,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
     bandit = bandit_of(setup)
     initial = RunState(round=0, trainable=trainable, bandits=tuple(bandit.init() for _ in slots),
                        reward_scale=np.zeros(len(slots)), ranks=ranks, sim_time=0.0, bytes_up=0.0, bytes_down=0.0)
-    eval_data = axis.replicate(eval_batches(valid, cfg.train.eval_batch_size))
+    eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
     return Experiment(cfg, setup, eval_data, parts, label_counts, label_names, train["labels"], initial)
 
 
@@ -344,6 +375,10 @@ def resume(out_dir: str | Path, progress=None) -> dict:
         if not np.array_equal(np.asarray(meta["assignment"]), exp.setup.assignment):
             raise RuntimeError("the groups rebuilt from the config differ from the checkpoint's")
         state = _state_from(meta, exp.setup.axis.replicate(trainable))
+        cached = exp.eval_data.hidden_layer
+        if cached:
+            from hfl_jax.fed.frozen_cache import check_untouched
+            check_untouched(trainable["lora"], cached)
         history = meta["history"]
     summary = train_loop(exp, out_dir, state, history, progress)
     write_plots(out_dir)
