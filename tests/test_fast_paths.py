@@ -143,3 +143,18 @@ def test_cache_is_refused_when_an_arm_tunes_every_layer(monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
     with pytest.raises(ValueError, match="cache_frozen_layers"):
         build(load_config(SMOKE, ["algorithm.name=fedlora", "train.cache_frozen_layers=true"]))
+
+
+def test_resume_with_cache_checks_the_restored_adapters(monkeypatch, tmp_path):
+    import yaml
+
+    from hfl_jax.config import load_config
+    from hfl_jax.driver import resume, run
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    cfg = load_config(SMOKE, ["algorithm.depths=[1,2]", "train.cache_frozen_layers=true", "train.rounds=1"])
+    run(cfg, tmp_path)
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["train"]["rounds"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert resume(tmp_path)["rounds"] == 2
