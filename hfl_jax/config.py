@@ -52,6 +52,12 @@ class DataConfig:
     train_subset: Optional[int] = None  # use a seeded random subset of this many training examples
     eval_subset: Optional[int] = None
     custom: Optional[dict] = None       # CustomSpec fields for task == custom
+    # Exact speed-up: each group's device data (and the eval set) is cut to the smallest length
+    # bucket >= its longest real sequence (trailing all-padding columns only; results unchanged up
+    # to float reordering). Groups may then differ in T: one compilation per (depth, T).
+    trim_padding: bool = True
+    length_multiple: int = 8            # buckets: multiples of this ...
+    length_buckets: Optional[tuple[int, ...]] = None   # ... or exactly these lengths (overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +94,10 @@ class TrainConfig:
     availability: float = 1.0           # probability that a sampled device is available
     chunk_size: Optional[int] = None    # max simulated devices vmapped at once
     shard: bool = True                  # shard the device axis over all local accelerators
+    # Compute the output of the bottom L - max(arm depths) layers once per example at setup and
+    # train/probe/evaluate from it. Exact while those layers' LoRA is never trained (refused when
+    # an arm has depth L). Memory: 4 * T * H bytes per training and eval example.
+    cache_frozen_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +280,10 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(0 < t.participation <= 1, "train.participation", f"must be in (0, 1], got {t.participation}")
     _require(0 < t.availability <= 1, "train.availability", f"must be in (0, 1], got {t.availability}")
     _require(t.chunk_size is None or t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
+    _require(cfg.data.length_multiple >= 1, "data.length_multiple", "must be >= 1")
+    _require(cfg.data.length_buckets is None or (len(cfg.data.length_buckets) > 0
+                                                  and min(cfg.data.length_buckets) >= 1),
+             "data.length_buckets", "must be a non-empty list of ints >= 1")
     _require(a.name in ALGORITHMS, "algorithm.name", f"unknown algorithm {a.name!r}; one of {', '.join(ALGORITHMS)}")
     _require(a.num_groups <= p.num_devices, "algorithm.num_groups",
              f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")

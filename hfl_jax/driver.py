@@ -43,8 +43,17 @@ def sub_seed(seed: int, salt: int) -> int:
 
 # --- setup -----------------------------------------------------------------------------------------
 
+# Unroll the layer lax.scan up to this depth: no per-step zero-fill and dynamic slicing of the
+# scan's stacked residuals, fusion across layers (benchmarks/RESULTS.md: 2-7% faster rounds on
+# CPU for MiniLM-L6), at the price of compile time growing with L.
+UNROLL_MAX_LAYERS = 12
+
+
 def build_model(cfg: ExperimentConfig, num_labels: int):
-    """(model, params) from ``cfg.model``: a checkpoint by name/path, or ``"tiny"`` (random BERT)."""
+    """(model, params) from ``cfg.model``: a checkpoint by name/path, or ``"tiny"`` (random BERT).
+
+    The layer loop is unrolled for models of at most :data:`UNROLL_MAX_LAYERS` layers.
+    """
     dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     if cfg.model.name == "tiny":
         t = cfg.model.tiny
@@ -52,13 +61,18 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
                              num_layers=t.num_layers, num_heads=t.num_heads, intermediate_size=t.intermediate_size,
                              max_position_embeddings=max(512, cfg.data.max_length), num_labels=num_labels)
         model = EncoderModel(ecfg, compute_dtype=dtype)
-        return model, model.init(jax.random.PRNGKey(cfg.seed))
-    import warnings
+        params = model.init(jax.random.PRNGKey(cfg.seed))
+    else:
+        import warnings
 
-    from hfl_jax.models import FreshHeadWarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FreshHeadWarning)  # a fresh head is the normal case here
-        return load_pretrained(cfg.model.name, num_labels=num_labels, seed=cfg.seed, compute_dtype=dtype)
+        from hfl_jax.models import FreshHeadWarning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FreshHeadWarning)  # a fresh head is the normal case here
+            model, params = load_pretrained(cfg.model.name, num_labels=num_labels, seed=cfg.seed,
+                                            compute_dtype=dtype)
+    if model.num_layers <= UNROLL_MAX_LAYERS:
+        model = dataclasses.replace(model, unroll=True)
+    return model, params
 
 
 def load_data(cfg: ExperimentConfig):
@@ -118,12 +132,31 @@ def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis) -> tuple:
     return tuple(out)
 
 
-def _group_data(data, slots: np.ndarray, axis: DeviceAxis):
+def _group_data(data, slots: np.ndarray, prepare: Callable = lambda d: d):
+    """A group's host DeviceData: one row per slot (padding slots empty), then ``prepare``d."""
     real = slots >= 0
     rows = jax.tree.map(lambda x: np.asarray(x)[np.where(real, slots, 0)], data)
     rows = rows.replace(counts=np.where(real, rows.counts, 0).astype(np.int32),
                         valid=rows.valid & real[:, None])
-    return axis.put(rows)
+    return prepare(rows)
+
+
+def _data_preparer(cfg: ExperimentConfig, model, base: dict, cached: int) -> Callable:
+    """``prepare(host_data) -> host_data``: trims padding to a length bucket (``data.trim_padding``)
+    and attaches the cached bottom-layer outputs (``train.cache_frozen_layers``)."""
+    from hfl_jax.data import trim_padding
+    from hfl_jax.fed.frozen_cache import attach_hidden
+
+    d = cfg.data
+    buckets = d.length_buckets if d.length_buckets is not None else d.length_multiple
+
+    def prepare(data):
+        if d.trim_padding:
+            data = trim_padding(data, buckets)
+        if cached:
+            data = attach_hidden(data, model, base, cached, cfg.train.eval_batch_size)
+        return data
+    return prepare
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
@@ -173,9 +206,18 @@ def build(cfg: ExperimentConfig) -> Experiment:
         depths, taus = rucb_lib.make_arms(spec.depths, spec.taus)
     key = jax.random.PRNGKey(cfg.seed)
     base = {k: v for k, v in params.items() if k != "head"}
+    cached = 0
+    if cfg.train.cache_frozen_layers:
+        from hfl_jax.fed.frozen_cache import cached_layers
+        cached = cached_layers(depths, model.num_layers)
+        if cached == 0:
+            raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm of depth "
+                             f"{model.num_layers} = every layer, so no layer is frozen for all arms; turn it off "
+                             f"or use a depth grid below {model.num_layers}")
+    prepare = _data_preparer(cfg, model, base, cached)
     setup = Setup(
         model=model, base=axis.replicate(base), assignment=assignment, group_slots=slots,
-        group_data=tuple(_group_data(data, s, axis) for s in slots), counts=np.asarray(data.counts),
+        group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots), counts=np.asarray(data.counts),
         profiles=profiles, spec=spec, arm_depths=np.asarray(depths), arm_taus=np.asarray(taus),
         optimizer=make_optimizer(cfg), axis=axis, key=key, seed=cfg.seed, seq_len=cfg.data.max_length,
         n_max=data.n_max, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
@@ -184,6 +226,9 @@ def build(cfg: ExperimentConfig) -> Experiment:
         edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
     lora = init_lora(jax.random.fold_in(key, SALT_LORA_INIT), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
+    if cached:
+        from hfl_jax.fed.frozen_cache import check_untouched
+        check_untouched(lora, cached)
     trainable = axis.replicate({"lora": lora, "head": params["head"]})
     if spec.aggregator == "hetlora":
         ranks = hetlora_lib.assign_ranks(profiles["flops"], cfg.algorithm.hetlora.ranks)
@@ -192,7 +237,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
     bandit = bandit_of(setup)
     initial = RunState(round=0, trainable=trainable, bandits=tuple(bandit.init() for _ in slots),
                        reward_scale=np.zeros(len(slots)), ranks=ranks, sim_time=0.0, bytes_up=0.0, bytes_down=0.0)
-    eval_data = axis.replicate(eval_batches(valid, cfg.train.eval_batch_size))
+    eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
     return Experiment(cfg, setup, eval_data, parts, label_counts, label_names, train["labels"], initial)
 
 
@@ -367,6 +412,10 @@ def resume(out_dir: str | Path, progress=None) -> dict:
         if not np.array_equal(np.asarray(meta["assignment"]), exp.setup.assignment):
             raise RuntimeError("the groups rebuilt from the config differ from the checkpoint's")
         state = _state_from(meta, exp.setup.axis.replicate(trainable))
+        cached = exp.eval_data.hidden_layer
+        if cached:
+            from hfl_jax.fed.frozen_cache import check_untouched
+            check_untouched(trainable["lora"], cached)
         history = meta["history"]
     summary = train_loop(exp, out_dir, state, history, progress)
     if is_main_process():

@@ -8,6 +8,8 @@ from hfl_jax.data.device_data import (
     gather_batches,
     make_device_data,
     sample_batch_indices,
+    bucket_length,
+    trim_padding,
 )
 from hfl_jax.data.partition import (
     PARTITIONERS,
@@ -38,5 +40,5 @@ __all__ = [
     "partition", "iid", "dirichlet", "pathological", "quantity", "PARTITIONERS", "PartitionError",
     "partition_report", "plot_partition", "PartitionReport", "kl_divergence", "KL_EPS",
     "DeviceData", "make_device_data", "sample_batch_indices", "gather_batches",
-    "EvalBatches", "eval_batches",
+    "EvalBatches", "eval_batches", "bucket_length", "trim_padding",
 ]

@@ -32,6 +32,10 @@ class DeviceData:
       labels: int32 [N_dev, n_max]; 0 on padding rows.
       valid: bool [N_dev, n_max]; True exactly for rows [0, counts[d]) of device d.
       counts: int32 [N_dev], examples per device.
+      hidden: optional float32 [N_dev, n_max, T, H], the encoder's hidden states after its
+        bottom ``hidden_layer`` layers (``train.cache_frozen_layers``; zeros on padding rows);
+        training then starts at layer ``hidden_layer``. ``None``: start from the tokens.
+      hidden_layer: static int, 0 when ``hidden`` is None.
     """
 
     input_ids: jax.Array | np.ndarray
@@ -40,6 +44,8 @@ class DeviceData:
     labels: jax.Array | np.ndarray
     valid: jax.Array | np.ndarray
     counts: jax.Array | np.ndarray
+    hidden: jax.Array | np.ndarray | None = None
+    hidden_layer: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def num_devices(self) -> int:
@@ -150,14 +156,18 @@ def gather_batches(device_data_row: DeviceData, idx: jax.Array) -> dict[str, jax
       idx: int32 [E, B] from `sample_batch_indices`.
 
     Returns:
-      dict input_ids / attention_mask / token_type_ids [E, B, T] and labels [E, B]. Pair it
-      with the sampler's mask; masked slots hold row 0's data.
+      dict input_ids / attention_mask / token_type_ids [E, B, T] and labels [E, B] (and
+      hidden [E, B, T, H] when the data carries cached hidden states). Pair it with the
+      sampler's mask; masked slots hold row 0's data.
     """
     take = lambda x: jnp.take(jnp.asarray(x), idx, axis=0)  # noqa: E731
-    return {"input_ids": take(device_data_row.input_ids),
-            "attention_mask": take(device_data_row.attention_mask),
-            "token_type_ids": take(device_data_row.token_type_ids),
-            "labels": take(device_data_row.labels)}
+    out = {"input_ids": take(device_data_row.input_ids),
+           "attention_mask": take(device_data_row.attention_mask),
+           "token_type_ids": take(device_data_row.token_type_ids),
+           "labels": take(device_data_row.labels)}
+    if device_data_row.hidden is not None:
+        out["hidden"] = take(device_data_row.hidden)
+    return out
 
 
 @flax.struct.dataclass
@@ -168,7 +178,9 @@ class EvalBatches:
       input_ids, attention_mask, token_type_ids: int32 [num_batches, B, T].
       labels: int32 [num_batches, B]; 0 on padding.
       valid: bool [num_batches, B]; False on the padding that fills the last batch.
-    Iterating yields one dict per batch (the same keys, leading axis dropped).
+      hidden, hidden_layer: optional cached hidden states [num_batches, B, T, H] after the
+        bottom ``hidden_layer`` layers, as in :class:`DeviceData`.
+    Iterating yields one dict per batch (the token keys, labels and valid, leading axis dropped).
     """
 
     input_ids: jax.Array | np.ndarray
@@ -176,6 +188,8 @@ class EvalBatches:
     token_type_ids: jax.Array | np.ndarray
     labels: jax.Array | np.ndarray
     valid: jax.Array | np.ndarray
+    hidden: jax.Array | np.ndarray | None = None
+    hidden_layer: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def num_batches(self) -> int:
@@ -212,3 +226,41 @@ def eval_batches(tokenized: Mapping[str, np.ndarray], batch_size: int) -> EvalBa
         labels=fix(tokenized["labels"], np.int32),
         valid=fix(np.ones(n, bool), bool),
         **{k: fix(tokenized[k], np.int32) for k in _TOKEN_KEYS})
+
+
+def bucket_length(attention_mask: np.ndarray, buckets: Sequence[int] | int = 8) -> int:
+    """The smallest bucket ``>=`` the last real (mask 1) position + 1 over all rows of ``attention_mask``.
+
+    ``buckets``: an int ``m`` (lengths rounded up to a multiple of ``m``) or an explicit
+    ascending list of lengths. Never more than the current length ``T``; at least 1.
+    """
+    mask = np.asarray(attention_mask)
+    t = mask.shape[-1]
+    cols = np.flatnonzero(mask.reshape(-1, t).any(0))
+    need = int(cols[-1]) + 1 if cols.size else 1
+    if isinstance(buckets, (int, np.integer)):
+        if buckets < 1:
+            raise DataError(f"length bucket multiple must be >= 1, got {buckets}")
+        length = -(-need // int(buckets)) * int(buckets)
+    else:
+        length = next((int(b) for b in sorted(buckets) if b >= need), t)
+    return max(1, min(length, t))
+
+
+def trim_padding(data, buckets: Sequence[int] | int = 8):
+    """``data`` (:class:`DeviceData` or :class:`EvalBatches`, host arrays) with the token axis cut to
+    :func:`bucket_length` of its attention mask.
+
+    Exact for every supported encoder: only trailing positions where *every* row is padding
+    are dropped; those are masked out as keys, their own outputs are never read (heads pool
+    token 0), absolute positions count from the start and DeBERTa's relative positions
+    depend on ``i - j`` only. Cached ``hidden`` states are cut alike.
+    """
+    t = np.asarray(data.attention_mask).shape[-1]
+    length = bucket_length(data.attention_mask, buckets)
+    if length == t:
+        return data
+    cut = {k: np.asarray(getattr(data, k))[..., :length] for k in _TOKEN_KEYS}
+    if data.hidden is not None:
+        cut["hidden"] = np.asarray(data.hidden)[..., :length, :]
+    return data.replace(**cut)

@@ -91,16 +91,22 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
 @functools.lru_cache(maxsize=8)
 def make_evaluate(model: EncoderModel):
     """Compiled ``evaluate(params_base, trainable, batches) -> (mean_loss, accuracy)`` over an
-    :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored)."""
-    loss_fn = make_loss_fn(model, model.num_layers)
+    :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored;
+    starts from the batches' cached hidden states when they carry them)."""
 
     @jax.jit
     def evaluate(trainable, base, batches):
+        start = batches.hidden_layer
+        loss_fn = make_loss_fn(model, model.num_layers - start, start)
+
         def one(batch):
             b = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            if start:
+                b["hidden"] = batch["hidden"]
             _, m = loss_fn(trainable, base, dict(b, mask=batch["valid"]))
             return m.loss * m.count, m.correct, m.count
-        arrays = {k: getattr(batches, k) for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "valid")}
+        keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "valid") + (("hidden",) if start else ())
+        arrays = {k: getattr(batches, k) for k in keys}
         loss_sum, correct, count = jax.lax.map(one, arrays)
         n = jnp.maximum(count.sum(), 1.0)
         return loss_sum.sum() / n, correct.sum() / n
@@ -118,9 +124,8 @@ def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxi
     """
     from hfl_jax.data import gather_batches, sample_batch_indices
 
-    loss_fn = make_loss_fn(model, 0)
-
     def one(trainable, base, data_row, key, device_id):
+        loss_fn = make_loss_fn(model, 0, data_row.hidden_layer)
         idx, mask = sample_batch_indices(key, device_id, data_row.counts, n_max, 1, batch_size)
         batch = jax.tree.map(lambda x: x[0], dict(gather_batches(data_row, idx), mask=mask))
         _, m = loss_fn(trainable, base, batch)

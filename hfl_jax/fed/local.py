@@ -32,17 +32,21 @@ def base_of(params: Mapping[str, Any]) -> dict:
     return {k: v for k, v in params.items() if k != "head"}
 
 
-def make_loss_fn(model: EncoderModel, depth: int) -> Callable:
+def make_loss_fn(model: EncoderModel, depth: int, start_layer: int = 0) -> Callable:
     """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at static ``depth``.
 
     Examples with ``batch["mask"] == False`` (padding) contribute nothing; a batch
-    with no real example has loss 0 and zero gradient.
+    with no real example has loss 0 and zero gradient. With ``start_layer > 0`` the
+    batch carries ``"hidden"`` ``[B, T, H]``, the cached output of the bottom
+    ``start_layer`` layers, and the forward pass starts there
+    (:meth:`~hfl_jax.models.encoder.EncoderModel.hidden_states`).
     """
 
     def loss_fn(trainable, base, batch):
         params = {**base, "head": trainable["head"]}
+        hidden0 = batch["hidden"] if start_layer else None
         logits = model.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                             lora=trainable["lora"], depth=depth)
+                             lora=trainable["lora"], depth=depth, start_layer=start_layer, hidden0=hidden0)
         w = batch["mask"].astype(logits.dtype)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         n = w.sum()
@@ -58,12 +62,14 @@ def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: 
     return depth_masked(inner, num_layers, depth)
 
 
-def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation, depth: int) -> Callable:
+def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation, depth: int,
+                    start_layer: int = 0) -> Callable:
     """``step(trainable, opt_state, base, batch) -> (trainable, opt_state, StepMetrics)``.
 
-    ``optimizer`` should come from :func:`make_optimizer` with the same depth.
+    ``optimizer`` should come from :func:`make_optimizer` with the same depth;
+    ``start_layer`` as in :func:`make_loss_fn`.
     """
-    grad_fn = jax.grad(make_loss_fn(model, depth), has_aux=True)
+    grad_fn = jax.grad(make_loss_fn(model, depth, start_layer), has_aux=True)
 
     def step(trainable, opt_state, base, batch):
         grads, metrics = grad_fn(trainable, base, batch)
@@ -86,13 +92,15 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
     ``fold_in(round_key, device_id)``, so a device's trajectory does not depend on
     which other devices run beside it. The optimizer state starts fresh each local
     round (local Adam/SGD re-initialised, as in FedAvg-style LoRA fine-tuning).
+    When ``data_row`` carries cached hidden states (``hidden_layer > 0``, read at trace
+    time) the forward pass starts from them.
     """
     from hfl_jax.data import gather_batches, sample_batch_indices
 
     opt = make_optimizer(inner, model.num_layers, depth)
-    step = make_train_step(model, opt, depth)
 
     def local_train(trainable, base, data_row, round_key, device_id, rank):
+        step = make_train_step(model, opt, depth, data_row.hidden_layer)
         trainable = dict(trainable, lora=truncate_to(trainable["lora"], rank))
         idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)
         batches = dict(gather_batches(data_row, idx), mask=mask)

@@ -124,41 +124,77 @@ class EncoderModel:
 
     def hidden_states(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, lora: LoRA | None = None,
-                      depth: int | None = None) -> Array:
+                      depth: int | None = None, *, start_layer: int = 0, hidden0: Array | None = None) -> Array:
         """Last hidden states ``[B, T, H]``.
 
         ``depth`` (static int, default all layers): only the top ``depth`` layers
         are differentiated; gradients stop at their input.
+
+        ``hidden0`` (``[B, T, H]``, optional) with ``start_layer`` (static int): start from
+        these hidden states, taken as the output of layer ``start_layer - 1`` (e.g. from
+        :meth:`bottom_hidden`), and run only layers ``[start_layer, L)``; the embeddings
+        are skipped (``input_ids`` may then be ``None``). Needs ``depth <= L - start_layer``.
         """
         emb, ctx_mod, block, _ = self._modules()
         L = self.cfg.num_layers
         depth = L if depth is None else int(depth)
+        start_layer = int(start_layer)
         if not 0 <= depth <= L:
             raise ValueError(f"depth must be in [0, {L}], got {depth}")
+        if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= L - depth:
+            raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
+                             f"[0, L - depth = {L - depth}]")
+        if hidden0 is None:
+            h = self._embed(params, input_ids, attention_mask, token_type_ids)
+        else:
+            h = hidden0
+        ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+        split = L - depth
+        if split > start_layer:
+            h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split))
+        if depth > 0:
+            h = self._run_layers(params, h, ctx, lora, split, L)
+        return h
+
+    def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
+                      token_type_ids: Array | None = None, *, stop_layer: int) -> Array:
+        """Hidden states ``[B, T, H]`` after the bottom ``stop_layer`` layers, without LoRA.
+
+        Equal to what :meth:`hidden_states` computes there whenever those layers'
+        adapters are at their init (``B = 0``: the LoRA term is exactly zero), so it
+        can be computed once and fed back as ``hidden0`` with ``start_layer=stop_layer``.
+        """
+        emb, ctx_mod, _, _ = self._modules()
+        if not 0 <= int(stop_layer) <= self.cfg.num_layers:
+            raise ValueError(f"stop_layer must be in [0, {self.cfg.num_layers}], got {stop_layer}")
+        h = self._embed(params, input_ids, attention_mask, token_type_ids)
+        ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+        return self._run_layers(params, h, ctx, None, 0, int(stop_layer))
+
+    def _embed(self, params, input_ids, attention_mask, token_type_ids):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        h = emb.apply({"params": params["embeddings"]}, input_ids, token_type_ids, attention_mask)
-        ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+        return self.family.embeddings(self.cfg).apply({"params": params["embeddings"]}, input_ids,
+                                                      token_type_ids, attention_mask)
+
+    def _run_layers(self, params, h, ctx, lora, start, stop):
+        """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis."""
+        if stop <= start:
+            return h
+        block = self._modules()[2]
         weights = lora.weights if lora is not None else {}
         scale = lora.scale if lora is not None else 1.0
 
-        def run(h, start, stop):
-            def body(h, xs):
-                layer_params, layer_lora = xs
-                return block.apply({"params": layer_params}, h, ctx, layer_lora, scale), None
-            xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
-            return jax.lax.scan(body, h, xs, unroll=self.unroll)[0]
-
-        split = L - depth
-        if split > 0:
-            h = jax.lax.stop_gradient(run(h, 0, split))
-        if depth > 0:
-            h = run(h, split, L)
-        return h
+        def body(h, xs):
+            layer_params, layer_lora = xs
+            return block.apply({"params": layer_params}, h, ctx, layer_lora, scale), None
+        xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
+        return jax.lax.scan(body, h, xs, unroll=self.unroll)[0]
 
     def apply(self, params: Params, input_ids: Array, attention_mask: Array,
               token_type_ids: Array | None = None, lora: LoRA | None = None, *,
-              depth: int | None = None, return_hidden: bool = False):
+              depth: int | None = None, return_hidden: bool = False,
+              start_layer: int = 0, hidden0: Array | None = None):
         """Classification logits ``[B, num_labels]`` (and hidden states if ``return_hidden``).
 
         Args:
@@ -166,7 +202,9 @@ class EncoderModel:
           input_ids, attention_mask, token_type_ids: ``[B, T]`` int arrays.
           lora: optional :class:`~hfl_jax.models.lora.LoRA` adapters.
           depth: static fine-tuning depth; see :meth:`hidden_states`.
+          start_layer, hidden0: start from cached hidden states; see :meth:`hidden_states`.
         """
-        hidden = self.hidden_states(params, input_ids, attention_mask, token_type_ids, lora, depth)
+        hidden = self.hidden_states(params, input_ids, attention_mask, token_type_ids, lora, depth,
+                                    start_layer=start_layer, hidden0=hidden0)
         logits = self.family.head(self.cfg).apply({"params": params["head"]}, hidden, attention_mask)
         return (logits, hidden) if return_hidden else logits
