@@ -15,11 +15,11 @@ run() {  # run OUTDIR CONFIG [--set ...]
   log "done $dir"
 }
 
-# 1. Learning-rate search: the same three values for each main method, alpha 0.1, seed 0, 10 rounds.
-#    Ablations reuse HierFedLoRA's choice. Criterion: best validation accuracy within the 10 rounds (ties: lower final loss).
+# 1. Learning-rate search: the same three values for each main method, alpha 0.1, seed 0, 6 rounds.
+#    Ablations reuse HierFedLoRA's choice. Criterion: best validation accuracy within the 6 rounds (ties: lower final loss).
 for m in hierfedlora fedlora hetlora; do
   for lr in 0.0003 0.001 0.003; do
-    run "$OUT/lr_search/${m}_lr$lr" "$CFG/$m.yaml" --set train.lr=$lr --set train.rounds=10
+    run "$OUT/lr_search/${m}_lr$lr" "$CFG/$m.yaml" --set train.lr=$lr --set train.rounds=6
   done
 done
 python3 - "$OUT" <<'PY'
