@@ -120,3 +120,17 @@ def test_runtime_errors_are_one_line(tmp_path):
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith("WARNING")]
     assert len(lines) == 1 and "hfl-jax: error:" in lines[0], r.stderr
+
+
+def test_report_on_two_smoke_runs_prints_table_and_writes_png(smoke_run, tmp_path):
+    second = tmp_path / "seed1"
+    r = hfl("run", SMOKE, "--set", "seed=1", "--set", "train.rounds=2", "--set", "tensorboard=true",
+            "--out", second, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert list((second / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    r = hfl("report", smoke_run, second, "--out", tmp_path / "plots")
+    assert r.returncode == 0, r.stderr
+    table = [l for l in r.stdout.splitlines() if l.startswith("|")]
+    assert len(table) >= 4 and "final acc" in table[0]   # header, separator, two runs
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
