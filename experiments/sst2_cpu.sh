@@ -49,8 +49,11 @@ for alpha in 0.1 1.0; do for seed in 0 1; do for m in hierfedlora fedlora hetlor
 for alpha in 0.1 1.0; do for seed in 0 1; do for m in hierfedlora_random_groups hierfedlora_fixed; do
   main $m $alpha $seed; done; done; done
 
-# 3. Tables and plots (one per alpha).
+# 3. Tables and plots (one per alpha; default target and 0.70), and the time/traffic breakdown.
 for alpha in 0.1 1.0; do
   python3 -m hfl_jax report "$OUT"/runs/alpha$alpha/* --out "$OUT/plots_alpha$alpha" > "$OUT/report_alpha$alpha.md"
+  python3 -m hfl_jax report "$OUT"/runs/alpha$alpha/* --target 0.7 --out "$OUT/plots_alpha${alpha}_target0.7" \
+    > "$OUT/report_alpha${alpha}_target0.7.md"
 done
+python3 experiments/analyze_sst2_cpu.py "$OUT/runs" > "$OUT/analysis.md"
 log "all done"
