@@ -38,14 +38,22 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def cmd_run(args) -> int:
-    from hfl_jax import driver
+def _load(args):
+    """The validated config of ``args.config`` + ``--set`` overrides, or an exit code after a one-line error."""
     from hfl_jax.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.set or [])
+        return load_config(args.config, args.set or [])
     except ConfigError as e:
         return _fail(str(e))
+
+
+def cmd_run(args) -> int:
+    from hfl_jax import driver
+
+    cfg = _load(args)
+    if isinstance(cfg, int):
+        return cfg
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     summary = driver.run(cfg, out, progress=None if args.quiet else _progress(cfg.train.rounds))
     print(json.dumps(summary, indent=2))
@@ -82,12 +90,10 @@ def cmd_report(args) -> int:
 
 def cmd_partition(args) -> int:
     from hfl_jax import driver
-    from hfl_jax.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.set or [])
-    except ConfigError as e:
-        return _fail(str(e))
+    cfg = _load(args)
+    if isinstance(cfg, int):
+        return cfg
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-partition"
     exp = driver.build(cfg)
     out.mkdir(parents=True, exist_ok=True)

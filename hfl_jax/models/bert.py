@@ -73,17 +73,24 @@ class RobertaHead(nn.Module):
         return nn.Dense(self.cfg.num_labels, kernel_init=init, name="out_proj")(x)
 
 
-def convert_layer(t: Tensors, i: int) -> dict:
-    """HF ``encoder.layer.{i}`` -> :class:`hfl_jax.models.layers.Block` parameters."""
+def convert_block(t: Tensors, i: int, attention: dict) -> dict:
+    """HF ``encoder.layer.{i}`` -> :class:`hfl_jax.models.layers.Block` parameters, given the
+    family's already converted ``attention`` parameters (the only part that differs by family)."""
     p = f"encoder.layer.{i}."
     return {
-        "attention": {n: t.linear(p + f"attention.self.{n}") for n in ("query", "key", "value")},
+        "attention": attention,
         "attention_output": t.linear(p + "attention.output.dense"),
         "attention_ln": t.layer_norm(p + "attention.output.LayerNorm"),
         "intermediate": t.linear(p + "intermediate.dense"),
         "output": t.linear(p + "output.dense"),
         "output_ln": t.layer_norm(p + "output.LayerNorm"),
     }
+
+
+def convert_layer(t: Tensors, i: int) -> dict:
+    """BERT/RoBERTa layer ``i``: separate query/key/value projections."""
+    p = f"encoder.layer.{i}.attention.self."
+    return convert_block(t, i, {n: t.linear(p + n) for n in ("query", "key", "value")})
 
 
 def convert_base(t: Tensors, cfg: EncoderConfig) -> dict:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfl_jax.models.bert import convert_block
 from hfl_jax.models.config import ConfigError, EncoderConfig
 from hfl_jax.models.convert import Tensors, stack_layers
 from hfl_jax.models.encoder import Family, register_family
@@ -261,15 +262,7 @@ def _convert_attention(t: Tensors, cfg: EncoderConfig, prefix: str) -> dict:
 
 def convert_layer(t: Tensors, cfg: EncoderConfig, i: int) -> dict:
     """HF ``encoder.layer.{i}`` -> :class:`hfl_jax.models.layers.Block` parameters."""
-    p = f"encoder.layer.{i}."
-    return {
-        "attention": _convert_attention(t, cfg, p + "attention.self."),
-        "attention_output": t.linear(p + "attention.output.dense"),
-        "attention_ln": t.layer_norm(p + "attention.output.LayerNorm"),
-        "intermediate": t.linear(p + "intermediate.dense"),
-        "output": t.linear(p + "output.dense"),
-        "output_ln": t.layer_norm(p + "output.LayerNorm"),
-    }
+    return convert_block(t, i, _convert_attention(t, cfg, f"encoder.layer.{i}.attention.self."))
 
 
 def convert_base(t: Tensors, cfg: EncoderConfig) -> dict:
