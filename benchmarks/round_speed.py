@@ -48,8 +48,10 @@ from hfl_jax.data import make_device_data, sample_batch_indices  # noqa: E402
 from hfl_jax.fed.aggregate import weighted_mean  # noqa: E402
 from hfl_jax.fed.device_axis import DeviceAxis  # noqa: E402
 from hfl_jax.fed.engine import make_group_round  # noqa: E402
+from hfl_jax.fed.frozen_cache import attach_hidden  # noqa: E402
 from hfl_jax.fed.local import base_of, make_local_train  # noqa: E402
-from hfl_jax.fed.timemodel import step_flops  # noqa: E402
+from hfl_jax.fed.xla import compiler_options, jit  # noqa: E402
+from hfl_jax.fed.timemodel import layer_forward_flops, step_flops  # noqa: E402
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora  # noqa: E402
 
 TARGETS = ("query", "value")
@@ -119,10 +121,17 @@ class Work:
     rank: int
     alpha: float
     lr: float
+    cached: int = 0  # bottom layers whose outputs come from the frozen-layer cache (0: none)
 
     @property
     def examples(self) -> int:
         return self.M * self.E * self.B
+
+    def flops(self, cfg) -> float:
+        """Counted FLOPs of the round: ``step_flops x E x M``, less the cached layers' forward."""
+        per_step = step_flops(cfg, self.B, self.T, self.d, self.rank, TARGETS)
+        per_step -= self.cached * layer_forward_flops(cfg, self.B, self.T, self.rank, TARGETS)
+        return per_step * self.E * self.M
 
 
 @dataclasses.dataclass
@@ -204,8 +213,14 @@ def _inputs(setup: Setup, w: Work, seed: int):
 
 
 def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, chunk_size: int | None = None) -> Result:
+    """The vmapped group round; with ``w.cached > 0`` it starts from the bottom layers' cached outputs
+    (``train.cache_frozen_layers``: computed once, before timing, as the driver does at set-up)."""
     model = setup.model
     data, trainable, ids, weights, key = _inputs(setup, w, seed)
+    if w.cached:
+        if w.cached > model.cfg.num_layers - w.d:
+            raise ValueError(f"cannot cache {w.cached} layers at depth {w.d} of {model.cfg.num_layers}")
+        data = attach_hidden(data, model, base_of(setup.params), w.cached)
     axis = DeviceAxis(chunk_size=chunk_size if chunk_size and chunk_size < w.M else None)
     group_round = make_group_round(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max, axis)
     args = jax.device_put((trainable, base_of(setup.params), data, ids, weights, key))
@@ -213,8 +228,9 @@ def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, chunk_size: int
     compiled = group_round.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     times = time_it(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    flops = step_flops(model.cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
-    return Result("vmap", w, compile_s, times, flops, xla_peak_bytes(compiled), rss_peak_bytes())
+    return Result("vmap-cache" if w.cached else "vmap", w, compile_s, times, w.flops(model.cfg),
+                  xla_peak_bytes(compiled), rss_peak_bytes(),
+                  note=f"bottom {w.cached} layers from the frozen-layer cache" if w.cached else "")
 
 
 def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
@@ -222,14 +238,14 @@ def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
     data, trainable, ids, weights, key = _inputs(setup, w, seed)
     fn = make_local_train(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max)
     extra = (jnp.int32(w.rank),) if _takes_rank(fn) else ()
-    local = jax.jit(fn)
+    local = jit(fn)  # the same XLA options as the vmapped round
     base = jax.device_put(base_of(setup.params))
     trainable = jax.device_put(trainable)
     rows = [jax.device_put(data.row(m)) for m in range(w.M)]
     dev_ids = [jnp.int32(i) for i in ids]
     weights = jnp.asarray(weights)
 
-    @jax.jit
+    @jit
     def fedavg(results, weights):
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         return weighted_mean(stacked, weights, fallback=trainable)[0]
@@ -244,7 +260,7 @@ def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
         return jax.block_until_ready(avg(results, weights))
 
     times = time_it(one_round, repeats)
-    flops = step_flops(model.cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
+    flops = w.flops(model.cfg)
     return Result("loop", w, compile_s, times, flops, xla_peak_bytes(compiled), rss_peak_bytes(),
                   note="XLA MiB is one device's call")
 
@@ -257,6 +273,8 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = setup.model.cfg
     if setup.hf_dir is not None:
         with warnings.catch_warnings():
@@ -273,6 +291,7 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
         else:
             tmodel = transformers.BertForSequenceClassification(transformers.BertConfig(**kw))
     tmodel.eval()  # no dropout: the JAX model has none
+    tmodel.to(device)
     pmodel = get_peft_model(tmodel, LoraConfig(r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS),
                                                lora_dropout=0.0))
     L = cfg.num_layers
@@ -295,7 +314,7 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
     for m in range(w.M):
         idx, _ = sample_batch_indices(key, int(ids[m]), int(data.counts[m]), data.n_max, w.E, w.B)
         idx = np.asarray(idx)
-        batches.append([{k: torch.from_numpy(np.asarray(getattr(data, k))[m][idx[e]].astype(np.int64))
+        batches.append([{k: torch.from_numpy(np.asarray(getattr(data, k))[m][idx[e]].astype(np.int64)).to(device)
                          for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
                         for e in range(w.E)])
     wts = torch.tensor(weights) / float(weights.sum())
@@ -317,20 +336,22 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
             with torch.no_grad():
                 for s, p in zip(sums, trainable):
                     s.add_(p, alpha=float(wts[m]))
+        sync()
         return sums
 
     t0 = time.perf_counter()
     one_round()  # warm-up (allocator, kernels); reported in the compile column
     warm = time.perf_counter() - t0
     times = time_it(one_round, repeats, warmup=0)
-    flops = step_flops(cfg, w.B, w.T, w.d, w.rank, TARGETS) * w.E * w.M
+    flops = w.flops(cfg)
     attn = getattr(tmodel.config, "_attn_implementation", "?")
     load = os.getloadavg()[0]
-    if threads >= (os.cpu_count() or 1) and load > 1.0:
+    if device.type == "cpu" and threads >= (os.cpu_count() or 1) and load > 1.0:
         print(f"[torch: {threads} threads on {os.cpu_count()} cores at load {load:.1f}: PyTorch's backward degrades "
               f"badly when its threads lose a core; compare with --torch-threads 1]")
     return Result("torch", w, warm, times, flops, None, rss_peak_bytes(),
-                  note=f"torch {torch.__version__}, {threads} threads, attention={attn}; "
+                  note=f"torch {torch.__version__} on {device.type}"
+                       f"{'' if device.type == 'cuda' else f', {threads} threads'}, attention={attn}; "
                        f"compile column = first (warm-up) round")
 
 
@@ -354,7 +375,7 @@ def table_rows(results: list[Result], peak: float) -> list[list[str]]:
     rows = []
     for r in results:
         w = r.work
-        ref = vmap.get(w)
+        ref = vmap.get(dataclasses.replace(w, cached=0))
         speedup = f"{r.median / ref.median:.2f}x" if ref is not None and r.method != "vmap" else "-"
         rows.append([r.method, str(w.M), str(w.B), str(w.T), str(w.E), str(w.d), _fmt(r.compile_s),
                      _fmt(r.best, 3), _fmt(r.median, 3), _fmt(w.examples / r.median, 1),
@@ -417,14 +438,18 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for the torch baseline")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the frozen matmuls in hfl_jax (EncoderModel.compute_dtype)")
-    p.add_argument("--unroll", type=int, default=1,
-                   help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers)")
+    p.add_argument("--unroll", type=int, default=None,
+                   help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers; default: as the driver "
+                        "does, all layers when L <= driver.UNROLL_MAX_LAYERS, else 1)")
     p.add_argument("--peak-size", type=int, default=2048,
                    help="n of the n x n float32 matmul that measures the peak (at the start and the end of the run; "
                         "the higher is used)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="vmap at most this many devices at once (DeviceAxis.chunk_size: lax.map over chunks inside "
                         "the same compiled call); must divide M")
+    p.add_argument("--cache-frozen", action="store_true",
+                   help="also time the vmapped round with the bottom L-d layers served from the frozen-layer cache "
+                        "(train.cache_frozen_layers), in the main comparison (when d < L) and the depth sweep")
     p.add_argument("--sweep", action="store_true",
                    help="also print scaling tables for the vmapped round over --sweep-devices, depths 1..L "
                         "(at M=--devices) and --sweep-batches (at M=--devices)")
@@ -458,13 +483,18 @@ def main(argv=None) -> int:
             print(f"[torch baseline skipped: {e}]")
             methods.remove("torch")
     dtype = None if args.compute_dtype == "float32" else jnp.bfloat16
-    setup = build_model(args.model, dtype, args.seed, True if args.unroll == 0 else args.unroll)
+    setup = build_model(args.model, dtype, args.seed, True if args.unroll == 0 else (args.unroll or 1))
     cfg = setup.model.cfg
+    if args.unroll is None:
+        from hfl_jax.driver import UNROLL_MAX_LAYERS
+        args.unroll = 0 if cfg.num_layers <= UNROLL_MAX_LAYERS else 1
+        setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, unroll=args.unroll == 0 or 1))
     L = cfg.num_layers
     depth = L if args.depth is None else args.depth
     info = machine_info()
     print(f"# round_speed: {args.model} (L={L}, H={cfg.hidden_size}), rank {args.rank} on {'+'.join(TARGETS)}, "
-          f"compute dtype {args.compute_dtype}, layer scan unroll {args.unroll or 'all'}")
+          f"compute dtype {args.compute_dtype}, layer scan unroll {args.unroll or 'all'}, "
+          f"XLA options {dict(compiler_options()) or 'none'} (hfl_jax.fed.xla)")
     print(f"# {info['date']}  nproc={info['nproc']}  cpu={info['cpu']}  load(1,5,15)="
           f"{', '.join(f'{x:.2f}' for x in info['load'])}  jax {info['jax']} {info['jax_devices']}")
     peaks = [measure_peak(args.peak_size, args.repeats)]
@@ -489,6 +519,9 @@ def main(argv=None) -> int:
         results = []
         for m in methods:
             results.append(runners[m](setup, w, args.repeats, args.seed))
+        if args.cache_frozen and depth < L:
+            results.append(run_vmap(setup, dataclasses.replace(w, cached=L - depth), args.repeats, args.seed,
+                                    args.chunk_size))
         peak = peak_now()
         print()
         print(markdown(COLUMNS, table_rows(results, peak)))
@@ -501,6 +534,9 @@ def main(argv=None) -> int:
                 if m in by:
                     print(f"- speedup of vmap over {m}: {by[m].median / by['vmap'].median:.2f}x (ratio of median times)")
             print(f"- vmap achieved {100 * by['vmap'].flops / by['vmap'].median / peak:.1f}% of the matmul peak")
+            if "vmap-cache" in by:
+                print(f"- frozen-layer cache (bottom {L - depth} layers): {by['vmap-cache'].median / by['vmap'].median:.2f}x "
+                      f"the time of the uncached vmapped round at the same depth")
         out["main"] = [_result_json(r) for r in results]
 
     if args.sweep:
@@ -510,12 +546,12 @@ def main(argv=None) -> int:
             res = [run_vmap(setup, w, args.repeats, args.seed, args.chunk_size) for w in works]
             peak = peak_now()
             print(f"\n### {title}\n")
-            hdr = ["M", "B", "d", "compile s", "median s", "s / device", "s / local step", "examples/s",
+            hdr = ["M", "B", "d", "cached", "compile s", "median s", "s / device", "s / local step", "examples/s",
                    "GFLOP/s", "% peak", "XLA MiB", "XLA MiB / device", "M copies of base MiB", "RSS MiB"]
             rows = []
             for r in res:
                 w = r.work
-                rows.append([str(w.M), str(w.B), str(w.d), _fmt(r.compile_s), _fmt(r.median, 3),
+                rows.append([str(w.M), str(w.B), str(w.d), str(w.cached), _fmt(r.compile_s), _fmt(r.median, 3),
                              _fmt(r.median / w.M, 3), _fmt(r.median / w.E, 3), _fmt(w.examples / r.median, 1),
                              _fmt(r.flops / r.median / 1e9, 1), _fmt(100 * r.flops / r.median / peak, 1),
                              _fmt(r.xla_bytes / MiB if r.xla_bytes else None, 1),
@@ -531,9 +567,16 @@ def main(argv=None) -> int:
               [mk(M, args.sweep_device_batch, depth) for M in args.sweep_devices], "devices")
         res = sweep(f"depth d (M={args.devices}, B={args.sweep_depth_batch})",
                     [mk(args.devices, args.sweep_depth_batch, d) for d in range(1, L + 1)], "depth")
-        full = res[-1].median
+        full, full_flops = res[-1].median, res[-1].flops
         print("\n" + "\n".join(f"- depth {r.work.d}/{L}: time per local step {r.median / full:.2f}x full depth "
                                f"(FLOPs {r.flops / res[-1].flops:.2f}x)" for r in res))
+        if args.cache_frozen:
+            res = sweep(f"depth d with the frozen-layer cache (bottom L-d layers cached; M={args.devices}, "
+                        f"B={args.sweep_depth_batch})",
+                        [dataclasses.replace(mk(args.devices, args.sweep_depth_batch, d), cached=L - d)
+                         for d in range(1, L)], "depth_cached")
+            print("\n" + "\n".join(f"- depth {r.work.d}/{L} with the cache: time per local step {r.median / full:.2f}x "
+                                   f"full depth without it (FLOPs {r.flops / full_flops:.2f}x)" for r in res))
         sweep(f"batch B (M={args.devices}, d={depth})",
               [mk(args.devices, B, depth) for B in args.sweep_batches], "batch")
 

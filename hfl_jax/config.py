@@ -114,6 +114,11 @@ class HetLoRAConfig:
     prune_factor: float = 0.5           # rank self-pruning: r <- max(min_rank, floor(r * factor))
     prune_threshold: float = 0.05       # ... when ||pruned part|| / ||kept part|| is below this
     min_rank: int = 1
+    sparsity: str = "update"            # aggregation weights x samples: "update" ||A'B' - AB||_F (the round's
+                                        # change), "adapter" ||A'B'||_F, "none" (sample counts only)
+
+
+HETLORA_SPARSITY = ("update", "adapter", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +308,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
     _require(h.min_rank >= 1, "algorithm.hetlora.min_rank", f"must be >= 1, got {h.min_rank}")
     _require(h.prune_threshold >= 0, "algorithm.hetlora.prune_threshold", "must be >= 0")
+    _require(h.sparsity in HETLORA_SPARSITY, "algorithm.hetlora.sparsity",
+             f"must be one of {', '.join(HETLORA_SPARSITY)}, got {h.sparsity!r}")
     if t.target_accuracy is not None:
         _require(0 < t.target_accuracy <= 1, "train.target_accuracy", "must be in (0, 1]")
     if num_layers is not None:

@@ -99,6 +99,35 @@ def test_hetlora_rank_assignment_and_pruning():
     np.testing.assert_array_equal(hetlora_lib.prune_ranks(np.array([8, 4]), norms, 0.5, 0.05, 1), [4, 4])
 
 
+def test_hetlora_sparsity_weights_hand_example():
+    from hfl_jax.fed.engine import adapter_norms, update_norms
+    # one layer, in = out = 1, r_max = 2; the group's adapter A = [1, 1], B = [1, 1] (A B = 2)
+    old = {"lora": LoRA({"query": {"A": jnp.ones((1, 1, 2)), "B": jnp.ones((1, 2, 1))}}, 1.0)}
+    # device 0 (rank 1) ends at A B = 3 * 1; device 1 (rank 2) at A B = 2 * 1 + 1 * 1 = 3
+    A = jnp.array([[[[3.0, 0.0]]], [[[2.0, 1.0]]]])
+    B = jnp.array([[[[1.0], [0.0]]], [[[1.0], [1.0]]]])
+    new = {"lora": LoRA({"query": {"A": A, "B": B}}, 1.0)}
+    # "update": against the truncation each received (rank 1: A B = 1, rank 2: A B = 2)
+    np.testing.assert_allclose(np.asarray(update_norms(new, old, jnp.array([1, 2]))), [2.0, 1.0])
+    # "adapter": the whole adapter's product
+    np.testing.assert_allclose(np.asarray(adapter_norms(new)), [3.0, 3.0])
+
+
+def test_hetlora_sparsity_setting_changes_the_aggregate(monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    finals = {}
+    for sparsity in ("update", "adapter", "none"):
+        cfg = load_config(SMOKE, ["algorithm.name=hetlora", "lora.rank=4", "algorithm.hetlora.ranks=[1,2,4]",
+                                  f"algorithm.hetlora.sparsity={sparsity}"])
+        state, _ = _rounds(build(cfg), 1)
+        finals[sparsity] = np.asarray(state.trainable["lora"].weights["query"]["B"])
+    assert all(np.isfinite(v).all() for v in finals.values())
+    assert not np.allclose(finals["update"], finals["none"])
+    assert not np.allclose(finals["adapter"], finals["none"])
+    with pytest.raises(Exception, match="algorithm.hetlora.sparsity"):
+        load_config(SMOKE, ["algorithm.hetlora.sparsity=bogus"])
+
+
 def test_hetlora_component_nobody_holds_keeps_previous_value():
     A = jnp.ones((2, 1, 1, 3))
     B = jnp.ones((2, 1, 3, 1))

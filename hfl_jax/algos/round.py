@@ -206,7 +206,7 @@ def run_round(setup: Setup, state: RunState) -> tuple[RunState, dict]:
         probe_key = jax.random.fold_in(gkey, PROBE_SALT)
         loss0, n0 = probe(state.trainable, setup.base, setup.group_data[k], dev_ids, probe_key)
         fn = make_group_round(model, setup.optimizer, depth, setup.local_steps, setup.batch_size, setup.n_max,
-                              axis, setup.spec.aggregator)
+                              axis, setup.spec.aggregator, setup.hetlora.sparsity)
         tr, w_dev, rank_dev = state.trainable, axis.put(weights), axis.put(ranks)
         bad = np.zeros(len(slots), bool)
         train_loss = []

@@ -19,6 +19,7 @@ import optax
 from hfl_jax.fed.aggregate import rank_padded_mean, weighted_mean
 from hfl_jax.fed.device_axis import DeviceAxis
 from hfl_jax.fed.local import make_loss_fn, make_local_train
+from hfl_jax.fed.xla import jit
 from hfl_jax.models.encoder import EncoderModel
 
 Array = jax.Array
@@ -29,6 +30,16 @@ class GroupRoundMetrics(NamedTuple):
     count: Array     # [M, E] real examples per step
     finite: Array    # [M] bool, False where a device's update held NaN/Inf (it was dropped)
     weight: Array    # [M] aggregation weight actually used
+
+
+def adapter_norms(new: Any) -> Array:
+    """``[M]`` ``sqrt(sum_targets,layers ||A'_m B'_m||_F^2)``: the norm of each device's whole adapter."""
+    sq = [jnp.square(jnp.einsum("m...ir,m...ro->m...io", ab["A"], ab["B"])).reshape(ab["A"].shape[0], -1).sum(1)
+          for ab in new["lora"].weights.values()]
+    return jnp.sqrt(sum(sq))
+
+
+SPARSITY = ("update", "adapter", "none")
 
 
 def update_norms(new: Any, old: Any, ranks: Array) -> Array:
@@ -47,7 +58,8 @@ def update_norms(new: Any, old: Any, ranks: Array) -> Array:
 
 @functools.lru_cache(maxsize=64)
 def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, depth: int, num_steps: int,
-                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(), aggregator: str = "fedavg"):
+                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(), aggregator: str = "fedavg",
+                     sparsity: str = "update"):
     """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None) -> (trainable, metrics)``.
 
     Args (of the returned function):
@@ -61,17 +73,21 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
 
     ``aggregator``: ``"fedavg"`` (sample-weighted mean) or ``"hetlora"``
     (zero-padding rank aggregation, :func:`~hfl_jax.fed.aggregate.rank_padded_mean`,
-    with weights ``weights * ||delta W_m||_F``; the head stays sample-weighted).
+    with weights ``weights * s_m``; the head stays sample-weighted). ``sparsity`` picks ``s_m``:
+    ``"update"`` :func:`update_norms` (the round's change), ``"adapter"`` :func:`adapter_norms`
+    (the whole adapter), ``"none"`` (1).
 
     Returns:
       the aggregated trainable (unchanged if every weight is 0) and :class:`GroupRoundMetrics`.
     """
     if aggregator not in ("fedavg", "hetlora"):
         raise ValueError(f"unknown aggregator {aggregator!r}; use 'fedavg' or 'hetlora'")
+    if sparsity not in SPARSITY:
+        raise ValueError(f"unknown sparsity {sparsity!r}; use one of {SPARSITY}")
     local = make_local_train(model, inner, depth, num_steps, batch_size, n_max)
     mapped = axis.map(local, in_axes=(None, None, 0, None, 0, 0))
 
-    @jax.jit
+    @jit
     def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None):
         if ranks is None:
             ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
@@ -80,8 +96,13 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
         used = jnp.where(finite, weights, 0.0)
         if aggregator == "hetlora":
             clean = jax.tree.map(lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), new)
-            sparsity = used * update_norms(clean, trainable, ranks)
-            agg = dict(agg, lora=rank_padded_mean(clean["lora"], ranks, sparsity, prev=trainable["lora"]))
+            if sparsity == "update":
+                s = used * update_norms(clean, trainable, ranks)
+            elif sparsity == "adapter":
+                s = used * adapter_norms(clean)
+            else:
+                s = used
+            agg = dict(agg, lora=rank_padded_mean(clean["lora"], ranks, s, prev=trainable["lora"]))
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         return agg, axis.constrain(out, sharded=False)
 
@@ -94,7 +115,7 @@ def make_evaluate(model: EncoderModel):
     :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored;
     starts from the batches' cached hidden states when they carry them)."""
 
-    @jax.jit
+    @jit
     def evaluate(trainable, base, batches):
         start = batches.hidden_layer
         loss_fn = make_loss_fn(model, model.num_layers - start, start)
@@ -133,7 +154,7 @@ def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxi
 
     mapped = axis.map(one, in_axes=(None, None, 0, None, 0))
 
-    @jax.jit
+    @jit
     def probe(trainable, base, data, device_ids, probe_key):
         return axis.constrain(mapped(trainable, base, data, probe_key, device_ids), sharded=False)
 

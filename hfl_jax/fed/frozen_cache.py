@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hfl_jax.fed.xla import jit
 from hfl_jax.models.encoder import EncoderModel
 from hfl_jax.models.lora import LoRA
 
@@ -32,7 +33,7 @@ def cached_layers(arm_depths, num_layers: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _bottom(model: EncoderModel, stop_layer: int):
-    return jax.jit(lambda base, ids, mask, tt: model.bottom_hidden(base, ids, mask, tt, stop_layer=stop_layer))
+    return jit(lambda base, ids, mask, tt: model.bottom_hidden(base, ids, mask, tt, stop_layer=stop_layer))
 
 
 def bottom_hidden(model: EncoderModel, base: dict, tokens: dict, rows: np.ndarray, stop_layer: int,

@@ -1,0 +1,49 @@
+"""Compiler options for hfl_jax's compiled calls (``jit`` here is ``jax.jit`` plus them).
+
+On CPU, XLA (jaxlib 0.10, YNNPACK backend) by default fuses elementwise producers and
+consumers into its YNNPACK dot kernels (LayerNorm, GELU and softmax backward pulled into
+the matmuls). On the MiniLM group round those fused kernels are slower than plain dots
+followed by XLA's own loop fusions: 1.78 -> 1.52 s per round at M=4, B=16, T=64
+(``benchmarks/RESULTS.md``). :func:`jit` therefore compiles with
+``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` when
+
+* the default backend is CPU,
+* this jaxlib knows the option (probed once by compiling a one-op function), and
+* neither ``XLA_FLAGS`` already sets a ``ynn_fusion_type`` nor ``HFL_XLA_DEFAULT_FUSION=1`` is set;
+
+otherwise it passes no option. Only how XLA groups the same operations changes, so results
+agree to float rounding (the tests compare fused and unfused calls).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_options() -> tuple[tuple[str, str], ...]:
+    """The options :func:`jit` passes, as sorted ``(name, value)`` pairs (empty: none)."""
+    if os.environ.get("HFL_XLA_DEFAULT_FUSION", "") not in ("", "0"):
+        return ()
+    if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return ()
+    if jax.default_backend() != "cpu":
+        return ()
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(CPU_OPTIONS)).lower(jnp.float32(0)).compile()
+    except Exception:  # noqa: BLE001  (an unknown option: another jaxlib)
+        return ()
+    return tuple(sorted(CPU_OPTIONS.items()))
+
+
+def jit(fun=None, **kwargs):
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` (usable as a decorator)."""
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    opts = dict(compiler_options())
+    return jax.jit(fun, compiler_options=opts or None, **kwargs)
