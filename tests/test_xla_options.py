@@ -1,0 +1,45 @@
+"""hfl_jax.fed.xla: the CPU compiler option is applied when known, can be turned off, and changes no maths."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfl_jax.fed import xla
+
+
+def _fresh(monkeypatch, **env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    xla.compiler_options.cache_clear()
+    return xla.compiler_options()
+
+
+def test_cpu_option_applied_and_switchable(monkeypatch):
+    monkeypatch.delenv("HFL_XLA_DEFAULT_FUSION", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    try:
+        opts = _fresh(monkeypatch)
+        assert jax.default_backend() == "cpu"
+        assert dict(opts) == xla.CPU_OPTIONS    # this jaxlib knows the option
+        assert _fresh(monkeypatch, HFL_XLA_DEFAULT_FUSION="1") == ()
+        monkeypatch.delenv("HFL_XLA_DEFAULT_FUSION")
+        assert _fresh(monkeypatch, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=") == ()
+    finally:
+        monkeypatch.undo()
+        xla.compiler_options.cache_clear()
+
+
+def test_individual_dots_compute_the_same_layer():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(k1, (64, 96))
+    w1, w2 = jax.random.normal(k2, (96, 192)) / 10, jax.random.normal(k3, (192, 96)) / 10
+
+    def mlp(x, w1, w2):
+        h = jax.nn.gelu(x @ w1, approximate=False)
+        y = h @ w2 + x
+        return (y - y.mean(-1, keepdims=True)) / jnp.sqrt(y.var(-1, keepdims=True) + 1e-12)
+
+    loss = lambda *a: jnp.sum(mlp(*a) ** 2)
+    ref = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)))(x, w1, w2)
+    opt = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), compiler_options=dict(xla.CPU_OPTIONS))(x, w1, w2)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(opt)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
