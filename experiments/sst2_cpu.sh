@@ -56,4 +56,9 @@ for alpha in 0.1 1.0; do
     > "$OUT/report_alpha${alpha}_target0.7.md"
 done
 python3 experiments/analyze_sst2_cpu.py "$OUT/runs" > "$OUT/analysis.md"
+
+# 4. Follow-ups (each resumable on its own): HetLoRA with one mechanism changed at a time, and a
+#    twice-as-large HierFedLoRA vs FedLoRA check at both alphas.
+bash experiments/hetlora_diagnosis.sh
+bash experiments/sst2_cpu_scale.sh
 log "all done"
