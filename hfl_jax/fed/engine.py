@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hfl_jax.config import HETLORA_SPARSITY as SPARSITY
 from hfl_jax.fed.aggregate import rank_padded_mean, weighted_mean
 from hfl_jax.fed.device_axis import DeviceAxis
 from hfl_jax.fed.local import make_loss_fn, make_local_train
@@ -37,9 +38,6 @@ def adapter_norms(new: Any) -> Array:
     sq = [jnp.square(jnp.einsum("m...ir,m...ro->m...io", ab["A"], ab["B"])).reshape(ab["A"].shape[0], -1).sum(1)
           for ab in new["lora"].weights.values()]
     return jnp.sqrt(sum(sq))
-
-
-SPARSITY = ("update", "adapter", "none")
 
 
 def update_norms(new: Any, old: Any, ranks: Array) -> Array:
