@@ -21,7 +21,8 @@ for alpha in 0.1 1.0; do
     log "done $dir"
   done
   python3 -m hfl_jax report "$D/alpha$alpha"/* --out "$D/plots_alpha$alpha" > "$D/report_alpha$alpha.md"
-  python3 -m hfl_jax report "$D/alpha$alpha"/* --target 0.7 > "$D/report_alpha${alpha}_target0.7.md"
+  python3 -m hfl_jax report "$D/alpha$alpha"/* --target 0.7 --out "$D/plots_alpha${alpha}_target0.7" \
+    > "$D/report_alpha${alpha}_target0.7.md"
 done
 python3 experiments/analyze_sst2_cpu.py "$D" > "$D/analysis.md"
 log "scale check done"
