@@ -43,3 +43,12 @@ def test_individual_dots_compute_the_same_layer():
     opt = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), compiler_options=dict(xla.CPU_OPTIONS))(x, w1, w2)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(opt)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_jitted_function_nests_under_user_transforms():
+    f = xla.jit(lambda x: jnp.sin(x) * x)
+    x = jnp.float32(0.7)
+    g = jax.jit(jax.grad(lambda y: f(y)))(x)                  # nested: compiled by the outer jit
+    np.testing.assert_allclose(g, np.cos(0.7) * 0.7 + np.sin(0.7), rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f)(jnp.arange(3.0)), np.sin(np.arange(3.0)) * np.arange(3.0), rtol=1e-6)
+    np.testing.assert_allclose(f(x), np.sin(0.7) * 0.7, rtol=1e-6)

@@ -42,8 +42,31 @@ def compiler_options() -> tuple[tuple[str, str], ...]:
 
 
 def jit(fun=None, **kwargs):
-    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` (usable as a decorator)."""
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` (usable as a decorator).
+
+    JAX accepts compiler options only on a top-level call, so a call made while tracing (the
+    function inside a user's ``jax.jit``, ``grad`` or ``vmap``, as in the notebook) goes through the
+    plain ``jax.jit``; the outer compilation then decides. ``.lower`` is the top-level one's.
+    """
     if fun is None:
         return functools.partial(jit, **kwargs)
+    plain = jax.jit(fun, **kwargs)
     opts = dict(compiler_options())
-    return jax.jit(fun, compiler_options=opts or None, **kwargs)
+    if not opts:
+        return plain
+    fast = jax.jit(fun, compiler_options=opts, **kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kw):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kw))):
+            return plain(*args, **kw)
+        try:
+            return fast(*args, **kw)
+        except ValueError as e:  # nested under a trace without traced arguments
+            if "compiler_options" not in str(e):
+                raise
+            return plain(*args, **kw)
+
+    call.lower = fast.lower
+    call.plain = plain
+    return call
