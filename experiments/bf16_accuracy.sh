@@ -6,14 +6,8 @@
 set -euo pipefail
 OUT=experiments/results/bf16
 mkdir -p "$OUT"
-log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timing.log"; }
-run() {  # run OUTDIR CONFIG [--set ...]
-  local dir=$1; shift
-  if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; return; fi
-  if [ -d "$dir/checkpoints" ]; then python3 -m hfl_jax resume "$dir" --quiet >/dev/null; else
-    python3 -m hfl_jax run "$@" --out "$dir" --quiet >/dev/null; fi
-  log "done $dir"
-}
+TIMING_LOG="$OUT/timing.log"
+source experiments/common.sh
 for dtype in float32 bfloat16; do
   run "$OUT/smoke_$dtype" experiments/configs/smoke.yaml --set model.compute_dtype=$dtype --set name=smoke_$dtype
 done

@@ -10,7 +10,8 @@ OUT=experiments/results/sst2_cpu
 CFG=experiments/configs/sst2_cpu
 D="$OUT/hetlora_diagnosis"
 mkdir -p "$D"
-log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timing.log"; }
+TIMING_LOG="$OUT/timing.log"
+source experiments/common.sh
 lr=$(python3 -c "import json; print(json.load(open('$OUT/lr.json'))['hetlora'])")
 for alpha in 0.1 1.0; do
   for variant in sparsity_none sparsity_adapter uniform_ranks; do
@@ -19,12 +20,8 @@ for alpha in 0.1 1.0; do
       sparsity_adapter) extra=(--set algorithm.hetlora.sparsity=adapter) ;;
       uniform_ranks) extra=(--set "algorithm.hetlora.ranks=[8,8,8]") ;;
     esac
-    dir="$D/alpha$alpha/hetlora_${variant}_s0"
-    if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; continue; fi
-    if [ -d "$dir/checkpoints" ]; then python3 -m hfl_jax resume "$dir" --quiet >/dev/null; else
-      python3 -m hfl_jax run "$CFG/hetlora.yaml" --set partition.alpha=$alpha --set seed=0 --set train.lr=$lr \
-        --set name=sst2_cpu_hetlora_$variant "${extra[@]}" --out "$dir" --quiet >/dev/null; fi
-    log "done $dir"
+    run "$D/alpha$alpha/hetlora_${variant}_s0" "$CFG/hetlora.yaml" --set partition.alpha=$alpha --set seed=0 \
+      --set train.lr=$lr --set name=sst2_cpu_hetlora_$variant "${extra[@]}"
   done
   python3 -m hfl_jax report "$OUT/runs/alpha$alpha/hetlora_s0" "$OUT/runs/alpha$alpha/fedlora_s0" "$D/alpha$alpha"/* \
     --out "$D/plots_alpha$alpha" > "$D/report_alpha$alpha.md"

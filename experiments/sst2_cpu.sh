@@ -6,14 +6,8 @@ set -euo pipefail
 OUT=experiments/results/sst2_cpu
 CFG=experiments/configs/sst2_cpu
 mkdir -p "$OUT/lr_search" "$OUT/runs"
-log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timing.log"; }
-run() {  # run OUTDIR CONFIG [--set ...]
-  local dir=$1; shift
-  if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; return; fi
-  if [ -d "$dir/checkpoints" ]; then python3 -m hfl_jax resume "$dir" --quiet >/dev/null; else
-    python3 -m hfl_jax run "$@" --out "$dir" --quiet >/dev/null; fi
-  log "done $dir"
-}
+TIMING_LOG="$OUT/timing.log"
+source experiments/common.sh
 
 # 1. Learning-rate search: the same three values for each main method, alpha 0.1, seed 0, 6 rounds.
 #    Ablations reuse HierFedLoRA's choice. Criterion: best validation accuracy within the 6 rounds (ties: lower final loss).

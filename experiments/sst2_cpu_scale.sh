@@ -8,17 +8,14 @@ OUT=experiments/results/sst2_cpu
 CFG=experiments/configs/sst2_cpu
 D="$OUT/scale32"
 mkdir -p "$D"
-log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$OUT/timing.log"; }
+TIMING_LOG="$OUT/timing.log"
+source experiments/common.sh
 for alpha in 0.1 1.0; do
   for m in hierfedlora fedlora; do
     lr=$(python3 -c "import json; print(json.load(open('$OUT/lr.json'))['$m'])")
-    dir="$D/alpha$alpha/${m}_s0"
-    if [ -f "$dir/summary.json" ]; then log "skip $dir (done)"; continue; fi
-    if [ -d "$dir/checkpoints" ]; then python3 -m hfl_jax resume "$dir" --quiet >/dev/null; else
-      python3 -m hfl_jax run "$CFG/$m.yaml" --set partition.num_devices=32 --set data.train_subset=16000 \
-        --set algorithm.num_groups=8 --set train.rounds=30 --set partition.alpha=$alpha --set seed=0 \
-        --set train.lr=$lr --set name=sst2_cpu32_$m --out "$dir" --quiet >/dev/null; fi
-    log "done $dir"
+    run "$D/alpha$alpha/${m}_s0" "$CFG/$m.yaml" --set partition.num_devices=32 --set data.train_subset=16000 \
+      --set algorithm.num_groups=8 --set train.rounds=30 --set partition.alpha=$alpha --set seed=0 \
+      --set train.lr=$lr --set name=sst2_cpu32_$m
   done
   python3 -m hfl_jax report "$D/alpha$alpha"/* --out "$D/plots_alpha$alpha" > "$D/report_alpha$alpha.md"
   python3 -m hfl_jax report "$D/alpha$alpha"/* --target 0.7 --out "$D/plots_alpha${alpha}_target0.7" \

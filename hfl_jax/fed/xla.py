@@ -68,5 +68,4 @@ def jit(fun=None, **kwargs):
             return plain(*args, **kw)
 
     call.lower = fast.lower
-    call.plain = plain
     return call
