@@ -118,13 +118,14 @@ class HetLoRAConfig:
                                         # change), "adapter" ||A'B'||_F, "none" (sample counts only)
 
 
-HETLORA_SPARSITY = ("update", "adapter", "none")
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAConfig:
+    ranks: tuple[int, ...] = (2, 4, 8)  # ranks by device capability tier (slow -> fast), each <= lora.rank
 
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "hierfedlora"           # hierfedlora | fedlora | hetlora | hierfedlora_random_groups |
-                                        # hierfedlora_fixed | hierfedlora_full_depth
+    name: str = "hierfedlora"           # a key of hfl_jax.algos.ALGORITHMS
     num_groups: int = 4
     lam: float = 0.0                    # grouping: weight of the speed-spread term
     depths: Optional[tuple[int, ...]] = None   # depth grid (None: 1, 2, 4, ... up to L, and L)
@@ -133,6 +134,7 @@ class AlgorithmConfig:
     fixed_tau: int = 1
     bandit: BanditConfig = BanditConfig()
     hetlora: HetLoRAConfig = HetLoRAConfig()
+    flexlora: FlexLoRAConfig = FlexLoRAConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +156,6 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = AlgorithmConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tensorboard: bool = False
-
-
-ALGORITHMS = ("hierfedlora", "fedlora", "hetlora", "hierfedlora_random_groups", "hierfedlora_fixed",
-              "hierfedlora_full_depth")
 
 
 # --- generic dataclass <- dict ---------------------------------------------------------------------
@@ -257,7 +255,12 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> ExperimentConfig:
-    """Checks values that types cannot (ranges, cross-field rules). ``num_layers`` adds depth checks."""
+    """Checks values that types cannot (ranges, cross-field rules). ``num_layers`` adds depth checks
+    and builds the algorithm once (its builder checks the settings it uses)."""
+    from hfl_jax.algos import ALGORITHMS
+    from hfl_jax.data.partition import PARTITIONERS
+    from hfl_jax.fed.group_aggregators import SPARSITY
+
     t, p, a, l = cfg.train, cfg.partition, cfg.algorithm, cfg.lora
     _require(cfg.name.strip() != "", "name", "must not be empty")
     for key, v in [("train.rounds", t.rounds), ("train.local_steps", t.local_steps),
@@ -294,22 +297,19 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")
     _require(a.lam >= 0, "algorithm.lam", "must be >= 0")
     _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", f"must be a non-empty list of ints >= 1")
-    _require(p.method in ("iid", "dirichlet", "pathological", "quantity"), "partition.method",
-             f"unknown partition method {p.method!r}")
+    _require(p.method in PARTITIONERS, "partition.method",
+             f"unknown partition method {p.method!r}; one of {', '.join(PARTITIONERS)}")
     _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
     _require(cfg.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "float32 or bfloat16")
     b = a.bandit
     _require(0 < b.gamma <= 1, "algorithm.bandit.gamma", f"must be in (0, 1], got {b.gamma}")
     _require(b.phi >= 0 and b.nu >= 0, "algorithm.bandit", "phi and nu must be >= 0")
     h = a.hetlora
-    if a.name == "hetlora":
-        _require(len(h.ranks) > 0 and min(h.ranks) >= 1 and max(h.ranks) <= l.rank, "algorithm.hetlora.ranks",
-                 f"must be ints in [1, lora.rank={l.rank}], got {list(h.ranks)}")
     _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
     _require(h.min_rank >= 1, "algorithm.hetlora.min_rank", f"must be >= 1, got {h.min_rank}")
     _require(h.prune_threshold >= 0, "algorithm.hetlora.prune_threshold", "must be >= 0")
-    _require(h.sparsity in HETLORA_SPARSITY, "algorithm.hetlora.sparsity",
-             f"must be one of {', '.join(HETLORA_SPARSITY)}, got {h.sparsity!r}")
+    _require(h.sparsity in SPARSITY, "algorithm.hetlora.sparsity",
+             f"must be one of {', '.join(SPARSITY)}, got {h.sparsity!r}")
     if t.target_accuracy is not None:
         _require(0 < t.target_accuracy <= 1, "train.target_accuracy", "must be in (0, 1]")
     if num_layers is not None:
@@ -319,6 +319,7 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
         if a.fixed_depth is not None:
             _require(1 <= a.fixed_depth <= num_layers, "algorithm.fixed_depth",
                      f"depth {a.fixed_depth} is outside [1, {num_layers}] (the model has {num_layers} layers)")
+        ALGORITHMS[a.name](cfg, num_layers)   # raises ConfigError for settings the algorithm cannot use
     return cfg
 
 

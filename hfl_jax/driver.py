@@ -20,16 +20,18 @@ import numpy as np
 import optax
 import yaml
 
+from hfl_jax import algos
 from hfl_jax import checkpoint as ckpt
-from hfl_jax.algos import resolve
+from hfl_jax.algos import AlgoState, FedAlgorithm
 from hfl_jax.algos import grouping as grouping_lib
-from hfl_jax.algos import hetlora as hetlora_lib
-from hfl_jax.algos import rucb as rucb_lib
-from hfl_jax.algos.round import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROFILES, SALT_SUBSET,
-                                RunState, Setup, bandit_of, run_round)
+from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROFILES, SALT_SUBSET,
+                                  round_key)
 from hfl_jax.config import ExperimentConfig, load_config, to_dict
+from hfl_jax.fed.cost import Workload
 from hfl_jax.fed.device_axis import DeviceAxis, make_mesh
 from hfl_jax.fed.engine import make_evaluate
+from hfl_jax.fed.env import Env
+from hfl_jax.fed.local import base_of
 from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_arrays
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 
@@ -95,12 +97,15 @@ def load_data(cfg: ExperimentConfig):
 
 
 def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
-    from hfl_jax.data import partition
+    """The devices' example indices from the configured partitioner, which takes the
+    ``partition.*`` parameters its signature names (alpha, min_samples, classes_per_device, beta)."""
+    import inspect
+
+    from hfl_jax.data import PARTITIONERS, partition
 
     p = cfg.partition
-    kw = {"dirichlet": {"alpha": p.alpha, "min_samples": p.min_samples},
-          "pathological": {"classes_per_device": p.classes_per_device},
-          "quantity": {"beta": p.beta}, "iid": {}}[p.method]
+    params = inspect.signature(PARTITIONERS[p.method]).parameters
+    kw = {k: v for k, v in dataclasses.asdict(p).items() if k in params and k not in ("num_devices", "seed")}
     return partition(labels, p.num_devices, p.method, sub_seed(cfg.seed, SALT_PARTITION), **kw)
 
 
@@ -112,15 +117,6 @@ def device_profiles(cfg: ExperimentConfig) -> dict:
     if len(profiles) != n:
         raise ValueError(f"devices.profiles has {len(profiles)} profiles but partition.num_devices={n}")
     return profiles_to_arrays(profiles)
-
-
-def group_assignment(cfg: ExperimentConfig, spec, label_counts: np.ndarray, speeds: np.ndarray) -> np.ndarray:
-    if spec.grouping == "single":
-        return np.zeros(len(label_counts), np.int64)
-    if spec.grouping == "random":
-        return grouping_lib.random_groups(len(label_counts), spec.num_groups, seed=sub_seed(cfg.seed, SALT_GROUPS))
-    return grouping_lib.group_devices(label_counts, spec.num_groups, speeds=speeds, lam=cfg.algorithm.lam,
-                                      seed=sub_seed(cfg.seed, SALT_GROUPS))
 
 
 def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis) -> tuple:
@@ -170,15 +166,24 @@ def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
 
 @dataclasses.dataclass
 class Experiment:
-    """A built experiment: static setup, evaluation data, partition info and the initial state."""
+    """A built experiment: the algorithm, its environment, evaluation data, partition info, state 0."""
     cfg: ExperimentConfig
-    setup: Setup
+    algorithm: FedAlgorithm
+    env: Env
     eval_data: Any
     parts: list
     label_counts: np.ndarray
     label_names: tuple
     train_labels: np.ndarray
-    initial: RunState
+    initial: AlgoState
+
+
+def workload(cfg: ExperimentConfig) -> Workload:
+    """What each device does per round and the edge-cloud link, from the config."""
+    t = cfg.train
+    return Workload(local_steps=t.local_steps, batch_size=t.batch_size, seq_len=cfg.data.max_length,
+                    rank=cfg.lora.rank, targets=tuple(cfg.lora.targets),
+                    edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
 
 
 def build(cfg: ExperimentConfig) -> Experiment:
@@ -191,75 +196,71 @@ def build(cfg: ExperimentConfig) -> Experiment:
     num_classes = len(label_names)
     label_counts = np.stack([np.bincount(train["labels"][p], minlength=num_classes) for p in parts])
     profiles = device_profiles(cfg)
-    spec = resolve(cfg.algorithm, model.num_layers)
-    for d in spec.depths:
+    algorithm = algos.build(cfg, model.num_layers)
+    for d in algorithm.depths:
         if not 1 <= d <= model.num_layers:
             raise ValueError(f"algorithm.depths: depth {d} is outside [1, {model.num_layers}]")
-    assignment = group_assignment(cfg, spec, label_counts, profiles["flops"])
+    assignment = np.asarray(algorithm.group(label_counts, profiles["flops"], sub_seed(cfg.seed, SALT_GROUPS)))
+    num_groups = int(assignment.max()) + 1
     mesh = make_mesh() if (cfg.train.shard and len(jax.devices()) > 1) else None
     axis = DeviceAxis(mesh, cfg.train.chunk_size)
     data = make_device_data(train, parts)
-    slots = _slots(assignment, spec.num_groups, axis)
-    if spec.selection == "fixed":
-        depths, taus = np.array([spec.fixed_arm[0]]), np.array([spec.fixed_arm[1]])
-    else:
-        depths, taus = rucb_lib.make_arms(spec.depths, spec.taus)
+    slots = _slots(assignment, num_groups, axis)
     key = jax.random.PRNGKey(cfg.seed)
-    base = {k: v for k, v in params.items() if k != "head"}
+    base = base_of(params)
     cached = 0
     if cfg.train.cache_frozen_layers:
         from hfl_jax.fed.frozen_cache import cached_layers
-        cached = cached_layers(depths, model.num_layers)
+        cached = cached_layers(algorithm.depths, model.num_layers)
         if cached == 0:
             raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm of depth "
                              f"{model.num_layers} = every layer, so no layer is frozen for all arms; turn it off "
                              f"or use a depth grid below {model.num_layers}")
     prepare = _data_preparer(cfg, model, base, cached)
-    setup = Setup(
-        model=model, base=axis.replicate(base), assignment=assignment, group_slots=slots,
-        group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots), counts=np.asarray(data.counts),
-        profiles=profiles, spec=spec, arm_depths=np.asarray(depths), arm_taus=np.asarray(taus),
-        optimizer=make_optimizer(cfg), axis=axis, key=key, seed=cfg.seed, seq_len=cfg.data.max_length,
-        n_max=data.n_max, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-        rank=cfg.lora.rank, targets=tuple(cfg.lora.targets), participation=cfg.train.participation,
-        availability=cfg.train.availability, bandit=cfg.algorithm.bandit, hetlora=cfg.algorithm.hetlora,
-        edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
     lora = init_lora(jax.random.fold_in(key, SALT_LORA_INIT), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
     if cached:
         from hfl_jax.fed.frozen_cache import check_untouched
         check_untouched(lora, cached)
-    trainable = axis.replicate({"lora": lora, "head": params["head"]})
-    if spec.aggregator == "hetlora":
-        ranks = hetlora_lib.assign_ranks(profiles["flops"], cfg.algorithm.hetlora.ranks)
-    else:
-        ranks = np.full(len(parts), cfg.lora.rank, np.int32)
-    bandit = bandit_of(setup)
-    initial = RunState(round=0, trainable=trainable, bandits=tuple(bandit.init() for _ in slots),
-                       reward_scale=np.zeros(len(slots)), ranks=ranks, sim_time=0.0, bytes_up=0.0, bytes_down=0.0)
+    env = Env(model=model, base=axis.replicate(base), initial=axis.replicate({"lora": lora, "head": params["head"]}),
+              assignment=assignment, group_slots=slots,
+              group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots),
+              counts=np.asarray(data.counts), profiles=profiles, axis=axis, optimizer=make_optimizer(cfg),
+              workload=workload(cfg), key=key, seed=cfg.seed, n_max=data.n_max,
+              participation=cfg.train.participation, availability=cfg.train.availability)
+    initial = algorithm.init(env, key)
     eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
-    return Experiment(cfg, setup, eval_data, parts, label_counts, label_names, train["labels"], initial)
+    return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, train["labels"], initial)
 
 
 # --- state <-> checkpoint ----------------------------------------------------------------------------
 
-def _meta(state: RunState, history: list, assignment: np.ndarray) -> dict:
+def _arrays(state: AlgoState) -> dict:
+    """The state's accelerator arrays (orbax): the global model and the algorithm's device tree."""
+    return {"trainable": state.trainable} if state.device is None else \
+        {"trainable": state.trainable, "device": state.device}
+
+
+def _meta(state: AlgoState, history: list, assignment: np.ndarray) -> dict:
     return ckpt.to_json({
-        "round": state.round, "bandits": [b._asdict() for b in state.bandits],
-        "reward_scale": state.reward_scale, "ranks": state.ranks, "sim_time": state.sim_time,
+        "round": state.round, "host": jax.tree.leaves(state.host), "sim_time": state.sim_time,
         "bytes_up": state.bytes_up, "bytes_down": state.bytes_down, "assignment": assignment,
         "history": history})
 
 
-def _state_from(meta: dict, trainable: Any) -> RunState:
-    bandits = tuple(rucb_lib.RUCBState(counts=np.asarray(b["counts"], np.float64),
-                                       reward_sums=np.asarray(b["reward_sums"], np.float64),
-                                       total=np.asarray(b["total"], np.float64),
-                                       round=np.asarray(b["round"], np.int64)) for b in meta["bandits"])
-    return RunState(round=int(meta["round"]), trainable=trainable, bandits=bandits,
-                    reward_scale=np.asarray(meta["reward_scale"], np.float64),
-                    ranks=np.asarray(meta["ranks"], np.int32), sim_time=float(meta["sim_time"]),
-                    bytes_up=float(meta["bytes_up"]), bytes_down=float(meta["bytes_down"]))
+def _state_from(meta: dict, arrays: dict, like: AlgoState, axis: DeviceAxis) -> AlgoState:
+    """The state saved as ``(arrays, meta)``; ``like`` (state 0) gives the host tree's structure and dtypes."""
+    leaves, treedef = jax.tree.flatten(like.host)
+    saved = meta["host"]
+    if len(saved) != len(leaves):
+        raise RuntimeError(f"the checkpoint's algorithm state has {len(saved)} values where "
+                           f"{len(leaves)} are expected: was it written by another algorithm or version?")
+    host = jax.tree.unflatten(treedef, [np.asarray(v, np.asarray(x).dtype).reshape(np.shape(x))
+                                        for v, x in zip(saved, leaves)])
+    return AlgoState(round=int(meta["round"]), trainable=axis.replicate(arrays["trainable"]),
+                     sim_time=float(meta["sim_time"]), bytes_up=float(meta["bytes_up"]),
+                     bytes_down=float(meta["bytes_down"]), host=host,
+                     device=axis.put(arrays["device"]) if "device" in arrays else None)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -278,7 +279,12 @@ def _write_jsonl(path: Path, records: list) -> None:
     os.replace(tmp, path)
 
 
-def stop_reason(history: list, state: RunState, t) -> str | None:
+def next_round(exp: Experiment, state: AlgoState) -> tuple[AlgoState, dict]:
+    """One global round of the experiment's algorithm from ``state``: ``(state, record)``."""
+    return exp.algorithm.round(exp.env, state, round_key(exp.env, state.round))
+
+
+def stop_reason(history: list, state: AlgoState, t) -> str | None:
     """Why the run is over (``"target_accuracy"``, ``"time_budget"``, ``"rounds"``), or None."""
     if t.target_accuracy is not None and history and history[-1].get("eval_accuracy", -1) >= t.target_accuracy:
         return "target_accuracy"
@@ -294,17 +300,17 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def train_loop(exp: Experiment, out_dir: Path, state: RunState, history: list,
+def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
                progress: Callable[[dict], None] | None = None) -> dict:
     """Runs rounds from ``state`` until a stop condition; writes metrics.jsonl, checkpoints, summary.json.
 
     The global model is evaluated every ``train.eval_every`` rounds and always at the last round.
     A resumed run that had already stopped does no further round.
     """
-    cfg, setup = exp.cfg, exp.setup
+    cfg, env = exp.cfg, exp.env
     t = cfg.train
     main = is_main_process()
-    evaluate = make_evaluate(setup.model)
+    evaluate = make_evaluate(env.model)
     mgr = ckpt.manager(out_dir / "checkpoints", cfg.checkpoint.keep)
     metrics_path = out_dir / "metrics.jsonl"
     if main:
@@ -312,9 +318,9 @@ def train_loop(exp: Experiment, out_dir: Path, state: RunState, history: list,
     writer = _tensorboard(out_dir) if (cfg.tensorboard and main) else None
     while stop_reason(history, state, t) is None:
         start = time.perf_counter()
-        state, record = run_round(setup, state)
+        state, record = next_round(exp, state)
         if state.round % t.eval_every == 0 or stop_reason(history, state, t) is not None:
-            loss, acc = evaluate(state.trainable, setup.base, exp.eval_data)
+            loss, acc = evaluate(state.trainable, env.base, exp.eval_data)
             record["eval_loss"], record["eval_accuracy"] = float(loss), float(acc)
         record["wall_time"] = time.perf_counter() - start
         history.append(record)
@@ -326,7 +332,7 @@ def train_loop(exp: Experiment, out_dir: Path, state: RunState, history: list,
             writer(record)
         done = stop_reason(history, state, t) is not None
         if state.round % cfg.checkpoint.every == 0 or done:
-            ckpt.save(mgr, state.round, state.trainable, _meta(state, history, setup.assignment))
+            ckpt.save(mgr, state.round, _arrays(state), _meta(state, history, env.assignment))
         if progress is not None:
             progress(record)
     summary = summarize(history, cfg)
@@ -408,14 +414,14 @@ def resume(out_dir: str | Path, progress=None) -> dict:
     if mgr.latest_step() is None:
         state, history = exp.initial, []
     else:
-        _, trainable, meta = ckpt.restore(mgr, exp.initial.trainable)
-        if not np.array_equal(np.asarray(meta["assignment"]), exp.setup.assignment):
+        _, arrays, meta = ckpt.restore(mgr, _arrays(exp.initial))
+        if not np.array_equal(np.asarray(meta["assignment"]), exp.env.assignment):
             raise RuntimeError("the groups rebuilt from the config differ from the checkpoint's")
-        state = _state_from(meta, exp.setup.axis.replicate(trainable))
+        state = _state_from(meta, arrays, exp.initial, exp.env.axis)
         cached = exp.eval_data.hidden_layer
         if cached:
             from hfl_jax.fed.frozen_cache import check_untouched
-            check_untouched(trainable["lora"], cached)
+            check_untouched(arrays["trainable"]["lora"], cached)
         history = meta["history"]
     summary = train_loop(exp, out_dir, state, history, progress)
     if is_main_process():
@@ -429,9 +435,9 @@ def write_partition(exp: Experiment, out_dir: Path) -> dict:
 
     report = partition_report(exp.train_labels, exp.parts, len(exp.label_names))
     plot_partition(report, out_dir / "partition.png", class_names=list(exp.label_names))
-    groups = grouping_lib.group_report(exp.label_counts, exp.setup.assignment, speeds=exp.setup.profiles["flops"])
+    groups = grouping_lib.group_report(exp.label_counts, exp.env.assignment, speeds=exp.env.profiles["flops"])
     info = {"devices": report.to_dict(), "groups": ckpt.to_json(groups),
-            "assignment": exp.setup.assignment.tolist()}
+            "assignment": exp.env.assignment.tolist()}
     (out_dir / "partition.json").write_text(json.dumps(ckpt.to_json(info), indent=1))
     return info
 

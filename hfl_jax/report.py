@@ -1,7 +1,7 @@
 """Comparing finished (or running) runs: load a run directory, a markdown table, and plots.
 
 A run directory is what :func:`hfl_jax.driver.run` writes: ``config.yaml``,
-``metrics.jsonl`` (one record per global round, see :func:`hfl_jax.algos.round.run_round`
+``metrics.jsonl`` (one record per global round, see :func:`hfl_jax.algos.stages.finish_round`
 plus ``eval_loss``/``eval_accuracy``/``wall_time``) and, once the run has ended,
 ``summary.json``. Everything here is computed from the per-round records, so a
 run that is still going (no ``summary.json`` yet) can be reported too.

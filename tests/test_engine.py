@@ -28,7 +28,7 @@ def test_vmapped_group_round_equals_separate_device_runs():
     model, params, trainable, data, sizes = setup()
     base, key = base_of(params), jax.random.PRNGKey(7)
     ids = jnp.arange(8, dtype=jnp.int32) + 100
-    group_round = make_group_round(model, OPT, 2, E, B, data.n_max)
+    group_round = make_group_round(model, OPT, depth=2, local_steps=E, batch_size=B, n_max=data.n_max)
     agg, metrics = group_round(trainable, base, data, ids, jnp.asarray(sizes), key)
     local = jax.jit(make_local_train(model, OPT, 2, E, B, data.n_max))
     singles = [local(trainable, base, data.row(m), key, ids[m], 2) for m in range(8)]
@@ -46,8 +46,8 @@ def test_chunked_equals_unchunked():
     model, params, trainable, data, sizes = setup()
     args = (trainable, base_of(params), data, jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes),
             jax.random.PRNGKey(3))
-    plain, m1 = make_group_round(model, OPT, 3, E, B, data.n_max)(*args)
-    chunked, m2 = make_group_round(model, OPT, 3, E, B, data.n_max, DeviceAxis(chunk_size=2))(*args)
+    plain, m1 = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max)(*args)
+    chunked, m2 = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max, axis=DeviceAxis(chunk_size=2))(*args)
     _close(plain, chunked)
     np.testing.assert_allclose(m1.loss, m2.loss, atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_nan_device_is_dropped_and_named():
     mask = np.asarray(data.attention_mask).copy()
     mask[5, :, 1] = 1
     bad = data.replace(input_ids=ids, attention_mask=mask)
-    agg, metrics = make_group_round(model, OPT, 3, E, B, data.n_max)(
+    agg, metrics = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max)(
         trainable, base_of(poisoned), bad, jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes),
         jax.random.PRNGKey(0))
     finite = np.asarray(metrics.finite)
@@ -109,10 +109,10 @@ SHARDED = textwrap.dedent("""
     assert len(jax.devices()) == 4, jax.devices()
     model, params, trainable, data, sizes = setup()
     ids, w, key = np.arange(8, dtype=np.int32), sizes, jax.random.PRNGKey(3)
-    plain, _ = make_group_round(model, OPT, 2, 3, 4, data.n_max)(trainable, base_of(params), data, ids, w, key)
+    plain, _ = make_group_round(model, OPT, depth=2, local_steps=3, batch_size=4, n_max=data.n_max)(trainable, base_of(params), data, ids, w, key)
     for chunk in (None, 4):
         axis = DeviceAxis(make_mesh(), chunk_size=chunk)
-        out, m = make_group_round(model, OPT, 2, 3, 4, data.n_max, axis)(
+        out, m = make_group_round(model, OPT, depth=2, local_steps=3, batch_size=4, n_max=data.n_max, axis=axis)(
             axis.replicate(trainable), axis.replicate(base_of(params)), axis.put(data), axis.put(ids),
             axis.put(w), axis.replicate(key))
         if chunk is None:

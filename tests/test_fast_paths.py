@@ -43,7 +43,7 @@ def test_group_round_on_trimmed_data_equals_untrimmed():
     assert trimmed.input_ids.shape[-1] == 8
     args = (base_of(params),)
     ids, w, key = jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes), jax.random.PRNGKey(5)
-    fn = make_group_round(model, OPT, 2, E, B, data.n_max)
+    fn = make_group_round(model, OPT, depth=2, local_steps=E, batch_size=B, n_max=data.n_max)
     full, m1 = fn(trainable, *args, padded, ids, w, key)
     cut, m2 = fn(trainable, *args, trimmed, ids, w, key)
     _close(full, cut, 1e-6)
@@ -87,7 +87,7 @@ def test_group_round_probe_and_eval_from_cached_layers_equal_full_forward():
     check_untouched(trainable["lora"], 1)
     ids, w, key = jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes), jax.random.PRNGKey(9)
     for depth in (1, 2):
-        fn = make_group_round(model, OPT, depth, E, B, data.n_max)
+        fn = make_group_round(model, OPT, depth=depth, local_steps=E, batch_size=B, n_max=data.n_max)
         plain, m1 = fn(trainable, base, data, ids, w, key)
         fast, m2 = fn(trainable, base, cached, ids, w, key)
         _close(plain, fast, 1e-5)
@@ -108,9 +108,8 @@ SMOKE = "experiments/configs/smoke.yaml"
 
 
 def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
-    from hfl_jax.algos.round import run_round
     from hfl_jax.config import load_config
-    from hfl_jax.driver import build
+    from hfl_jax.driver import build, next_round
 
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
     common = ["algorithm.depths=[1,2]", "algorithm.taus=[1]"]
@@ -120,16 +119,16 @@ def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
         exp = build(load_config(SMOKE, common + extra))
         state, arms = exp.initial, []
         for _ in range(2):
-            state, rec = run_round(exp.setup, state)
+            state, rec = next_round(exp, state)
             arms.append([g.get("arm") for g in rec["groups"]])
         from hfl_jax.fed.engine import make_evaluate
-        runs[name] = (exp, state, arms, make_evaluate(exp.setup.model)(state.trainable, exp.setup.base,
-                                                                       exp.eval_data))
+        runs[name] = (exp, state, arms, make_evaluate(exp.env.model)(state.trainable, exp.env.base,
+                                                                     exp.eval_data))
     plain, trim, cache = runs["plain"], runs["trim"], runs["cache"]
     T = plain[0].cfg.data.max_length
     assert plain[0].eval_data.input_ids.shape[-1] == T
     assert trim[0].eval_data.input_ids.shape[-1] < T   # the tiny sentences are short: something was cut
-    assert cache[0].eval_data.hidden_layer == 2 and cache[0].setup.group_data[0].hidden_layer == 2
+    assert cache[0].eval_data.hidden_layer == 2 and cache[0].env.group_data[0].hidden_layer == 2
     # Same maths, other shapes: XLA may sum in another order. Float rounding then moves the adapters
     # by far less than one Adam step (lr 3e-3 here; Adam turns a near-zero gradient's rounding into
     # up to a full step's change), and the evaluation agrees to 1e-5.

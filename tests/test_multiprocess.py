@@ -48,7 +48,7 @@ WORKER = textwrap.dedent("""
         sharded_data = axis.put(data)
         leaf = jax.tree.leaves(sharded_data)[0]
         assert not leaf.is_fully_addressable and len(leaf.sharding.device_set) == 4
-        agg, metrics = make_group_round(model, OPT, {depth}, {E}, {B}, data.n_max, axis)(
+        agg, metrics = make_group_round(model, OPT, depth={depth}, local_steps={E}, batch_size={B}, n_max=data.n_max, axis=axis)(
             axis.replicate(trainable), axis.replicate(base_of(params)), sharded_data, axis.put(ids),
             axis.put(sizes), axis.replicate(key))
         for i, x in enumerate(jax.tree.leaves(agg)):
@@ -99,7 +99,7 @@ def test_two_process_group_round_equals_single_process_unsharded(tmp_path):
         assert rc == 0 and f"WORKER_OK {pid}" in log, f"worker {pid} rc={rc} (None: still running at the timeout or after a peer failed, killed):\n{log[-4000:]}"
 
     model, params, trainable, data, sizes = setup()
-    plain, metrics = make_group_round(model, OPT, DEPTH, E, B, data.n_max)(
+    plain, metrics = make_group_round(model, OPT, depth=DEPTH, local_steps=E, batch_size=B, n_max=data.n_max)(
         trainable, base_of(params), data, jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes),
         jax.random.PRNGKey(3))
     leaves = jax.tree.leaves(plain)

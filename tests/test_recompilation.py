@@ -37,7 +37,7 @@ def test_group_round_compiles_once_across_rounds():
     model, params, trainable, data, sizes = setup()
     base = base_of(params)
     # a fresh optimizer object: its own lru_cache entry, so nothing compiled by other tests is reused
-    group_round = make_group_round(model, optax.adam(3e-3), 2, 2, 4, data.n_max)
+    group_round = make_group_round(model, optax.adam(3e-3), depth=2, local_steps=2, batch_size=4, n_max=data.n_max)
     ids = jnp.arange(8, dtype=jnp.int32)
     other_ids = ids + 8
     # every input of every round prepared up front, so only the round itself can compile

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from hfl_jax.algos import rucb as rucb_lib
-from hfl_jax.algos.rucb import (RUCBState, feasible_arms, log_entry,
-                                make_arms, penalized_reward,
+from hfl_jax.algos.rucb import (RUCBState, make_arms, penalized_reward,
                                 reward_from_progress, rucb, ucb_index)
+from hfl_jax.fed.cost import feasible_arms
 
 
 def _tiny_state():
@@ -183,18 +183,6 @@ def test_feasible_arms_and_make_arms():
       [True] * 6)
   with pytest.raises(ValueError, match="memory must have shape"):
     feasible_arms(d, t, mem[:3], time, 1.0, 1.0)
-
-
-def test_log_entry():
-  d, t = make_arms((1, 2), (1, 4))
-  b = rucb(4, nu=0.5)
-  arm, info = b.select(b.init(), np.ones(4, bool), seed=1)
-  entry = log_entry(info, 0.7, d, t, time=3.0, budget=2.0, nu=0.5)
-  assert entry["arm"] == arm
-  assert entry["depth"] == d[arm] and entry["tau"] == t[arm]
-  assert entry["reward"] == 0.7
-  assert entry["penalized_reward"] == pytest.approx(0.7 - 0.5 * 0.5)
-  assert len(entry["index"]) == 4 and entry["explore"] is True
 
 
 def test_bad_hyperparameters_raise():

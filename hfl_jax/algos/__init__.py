@@ -1,23 +1,35 @@
-"""HierFedLoRA, its ablations and the FedLoRA / HetLoRA baselines (selectable by name)."""
-from hfl_jax.algos import fedlora as _fedlora, hetlora as _hetlora, hierfedlora as _hier
-from hfl_jax.algos.spec import AlgoSpec, default_depths
+"""Federated algorithms, one module each, selectable by name (``algorithm.name``).
 
-SPECS = {
-    "hierfedlora": _hier.hierfedlora,
-    "hierfedlora_random_groups": _hier.random_groups,
-    "hierfedlora_fixed": _hier.fixed_arm,
-    "hierfedlora_full_depth": _hier.full_depth,
-    "fedlora": _fedlora.fedlora,
-    "hetlora": _hetlora.hetlora,
+Each module's ``build(cfg, num_layers) -> FedAlgorithm`` returns the algorithm's
+``(init, round)`` pair (:mod:`hfl_jax.algos.api`); adding an algorithm is one new module
+and one line here.
+"""
+from hfl_jax.algos import fedlora, fedsa_lora, ffa_lora, flexlora, hetlora, hierfedlora
+from hfl_jax.algos.api import AlgoState, FedAlgorithm
+from hfl_jax.algos.hierfedlora import default_depths
+
+ALGORITHMS = {
+    "hierfedlora": hierfedlora.build,
+    "hierfedlora_random_groups": hierfedlora.build_random_groups,
+    "hierfedlora_fixed": hierfedlora.build_fixed,
+    "hierfedlora_full_depth": hierfedlora.build_full_depth,
+    "fedlora": fedlora.build,
+    "hetlora": hetlora.build,
+    "ffa_lora": ffa_lora.build,
+    "fedsa_lora": fedsa_lora.build,
+    "flexlora": flexlora.build,
 }
 
 
-def resolve(acfg, num_layers: int) -> AlgoSpec:
-    """The :class:`AlgoSpec` for ``acfg.name`` (an :class:`~hfl_jax.config.AlgorithmConfig`)."""
+def build(cfg, num_layers: int) -> FedAlgorithm:
+    """The :class:`FedAlgorithm` named ``cfg.algorithm.name`` for an
+    :class:`~hfl_jax.config.ExperimentConfig` and a model of ``num_layers`` layers.
+    Builders raise :class:`~hfl_jax.config.ConfigError` (naming the key) for settings they cannot use."""
     try:
-        return SPECS[acfg.name](acfg, num_layers)
+        builder = ALGORITHMS[cfg.algorithm.name]
     except KeyError:
-        raise ValueError(f"unknown algorithm {acfg.name!r}; one of {', '.join(SPECS)}") from None
+        raise ValueError(f"unknown algorithm {cfg.algorithm.name!r}; one of {', '.join(ALGORITHMS)}") from None
+    return builder(cfg, num_layers)
 
 
-__all__ = ["AlgoSpec", "SPECS", "default_depths", "resolve"]
+__all__ = ["ALGORITHMS", "AlgoState", "FedAlgorithm", "build", "default_depths"]

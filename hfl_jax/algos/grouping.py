@@ -14,7 +14,7 @@ below is our reconstruction (see docs/algorithm.md, "## Grouping"):
            + lam * sum_k (m_k / N) * std_{i in k}(log s_i)
 
 with n_k the samples and m_k the devices of group k, q_k the group's pooled
-label distribution, q the global one (both epsilon-smoothed, ``KL_EPS``) and
+label distribution, q the global one (both epsilon-smoothed, :data:`hfl_jax.data.report.KL_EPS`) and
 s_i the device speeds. The data term is the mutual information between the
 group index and the label (up to smoothing).
 
@@ -28,10 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-# Additive smoothing on label *probabilities* before taking logs:
-# q = (p + eps) / (1 + C * eps). Only guards log(0); small enough that
-# hand-computed (unsmoothed) KLs agree to ~1e-5.
-KL_EPS = 1e-6
+from hfl_jax.data.report import kl_divergence
 
 # A refinement step must lower the objective by more than this (relative) to
 # be taken; guards against cycling on floating-point noise.
@@ -51,24 +48,18 @@ class _GroupStats(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def _smooth(p: np.ndarray) -> np.ndarray:
-  """Epsilon-smoothed distribution; p [..., C] sums to 1 (or is all 0)."""
-  c = p.shape[-1]
-  return (p + KL_EPS) / (1.0 + c * KL_EPS)
-
-
 def _global_dist(label_counts: np.ndarray) -> np.ndarray:
-  """Smoothed global label distribution q [C]."""
+  """Global label distribution q [C]."""
   tot = label_counts.sum(axis=0)
   n = tot.sum()
-  return _smooth(tot / n if n > 0 else np.full_like(tot, 1.0 / tot.size))
+  return tot / n if n > 0 else np.full_like(tot, 1.0 / tot.size)
 
 
 def _kl_rows(counts: np.ndarray, q: np.ndarray) -> np.ndarray:
-  """KL(q_row || q) for label-count rows [..., C] -> [...]; 0 for empty rows."""
+  """KL(q_row || q) for label-count rows [..., C] -> [...] (smoothed,
+  :func:`hfl_jax.data.report.kl_divergence`); 0 for empty rows."""
   n = counts.sum(axis=-1, keepdims=True)
-  p = _smooth(np.divide(counts, n, out=np.zeros_like(counts), where=n > 0))
-  kl = np.sum(p * np.log(p / q), axis=-1)
+  kl = kl_divergence(np.divide(counts, n, out=np.zeros_like(counts), where=n > 0), q)
   return np.where(n[..., 0] > 0, kl, 0.0)
 
 

@@ -2,23 +2,39 @@
 Foundation Models", 2024): per-device ranks from device capability, rank truncation on
 download, zero-padding aggregation with sparsity (update-norm) weights, rank self-pruning.
 
-The aggregation itself is :func:`hfl_jax.fed.aggregate.rank_padded_mean`, applied in the
-group round (``aggregator="hetlora"``, :func:`hfl_jax.fed.engine.make_group_round`).
-Reconstruction notes are in docs/algorithm.md.
+The flat round is :func:`hfl_jax.algos.fedlora.flat`; the aggregation is
+:class:`hfl_jax.fed.group_aggregators.RankPadded`. Reconstruction notes: docs/algorithm.md.
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from hfl_jax.algos.spec import AlgoSpec
+from hfl_jax.algos.api import FedAlgorithm
+from hfl_jax.algos.fedlora import flat
+from hfl_jax.config import ConfigError
+from hfl_jax.fed.group_aggregators import RankPadded
 from hfl_jax.models.lora import LoRA
 
 
-def hetlora(acfg, num_layers: int) -> AlgoSpec:
-    """One group of all devices; full depth; tau 1; heterogeneous ranks; no edge tier."""
-    return AlgoSpec("hetlora", "single", 1, "fixed", (num_layers,), (1,), fixed_arm=(num_layers, 1),
-                    aggregator="hetlora", hierarchical=False)
+def build(cfg, num_layers: int) -> FedAlgorithm:
+    """One group of all devices; full depth; tau 1; heterogeneous ranks pruned after each round."""
+    h = cfg.algorithm.hetlora
+    check_ranks(h.ranks, cfg.lora.rank, "algorithm.hetlora.ranks")
+
+    def prune(host, trainable):
+        norms = component_norms(trainable["lora"])
+        return {"ranks": prune_ranks(host["ranks"], norms, h.prune_factor, h.prune_threshold, h.min_rank)}
+
+    return flat("hetlora", num_layers, aggregator=RankPadded(h.sparsity),
+                init_host=lambda env: {"ranks": assign_ranks(env.profiles["flops"], h.ranks)},
+                ranks_of=lambda host: host["ranks"], after_round=prune,
+                describe=lambda host: {"mean_rank": float(np.mean(host["ranks"]))})
+
+
+def check_ranks(ranks, lora_rank: int, key: str) -> None:
+    """Device ranks must be ints in ``[1, lora.rank]`` (the global adapters hold the largest)."""
+    if not ranks or min(ranks) < 1 or max(ranks) > lora_rank:
+        raise ConfigError(f"{key}: must be ints in [1, lora.rank={lora_rank}], got {list(ranks)}")
 
 
 def assign_ranks(flops: np.ndarray, ranks: tuple[int, ...]) -> np.ndarray:

@@ -1,40 +1,128 @@
-"""HierFedLoRA (arXiv 2503.21213) and its ablations, as :class:`~hfl_jax.algos.spec.AlgoSpec` presets.
+"""HierFedLoRA (arXiv 2503.21213) and its ablations.
 
-HierFedLoRA: devices are partitioned into near-IID groups by greedy K-means on
-label-distribution KL (:func:`hfl_jax.algos.grouping.group_devices`); each group's
-R-UCB bandit (:mod:`hfl_jax.algos.rucb`) picks a fine-tuning depth ``d`` and an
-intra-group aggregation frequency ``tau`` every global round; groups aggregate
-``tau`` times per round, then the cloud aggregates layer-wise
-(:func:`hfl_jax.fed.aggregate.layerwise_aggregate`). The round itself is
-:func:`hfl_jax.algos.round.run_round`, shared with the baselines.
+Devices are partitioned into near-IID groups by greedy K-means on label-distribution KL
+(:func:`hfl_jax.algos.grouping.group_devices`). Every global round, each group's selector
+(R-UCB, :mod:`hfl_jax.algos.rucb`) picks a fine-tuning depth ``d`` and an intra-group
+aggregation frequency ``tau`` within the resource limits; the group's devices train LoRA on
+their top ``d`` layers and aggregate at the group's edge node ``tau`` times; the cloud then
+aggregates layer-wise over groups (:func:`hfl_jax.fed.aggregate.layerwise_aggregate`) and
+each bandit learns from its group's progress per simulated second.
+
+Ablations swap one part: random groups, one fixed arm, full depth only.
 """
 from __future__ import annotations
 
-from hfl_jax.algos.spec import AlgoSpec, default_depths
+import jax
+import numpy as np
+
+from hfl_jax.algos import grouping as grouping_lib
+from hfl_jax.algos import stages
+from hfl_jax.algos.api import AlgoState, FedAlgorithm
+from hfl_jax.algos.rucb import make_arms
+from hfl_jax.algos.selectors import RUCB, Feedback, FixedArm
+from hfl_jax.config import ConfigError
+
+
+def default_depths(num_layers: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below L, and L (e.g. L=6 -> (1, 2, 4, 6); L=12 -> (1, 2, 4, 8, 12))."""
+    out, d = [], 1
+    while d < num_layers:
+        out.append(d)
+        d *= 2
+    return tuple(out) + (num_layers,)
+
+
+def kl_groups(acfg):
+    """Greedy K-means on label KL (plus ``lam`` x speed spread) into ``acfg.num_groups`` groups."""
+    return lambda label_counts, speeds, seed: grouping_lib.group_devices(
+        label_counts, acfg.num_groups, speeds=speeds, lam=acfg.lam, seed=seed)
+
+
+def random_groups_of(acfg):
+    """Balanced random groups of ``acfg.num_groups``."""
+    return lambda label_counts, speeds, seed: grouping_lib.random_groups(len(label_counts), acfg.num_groups,
+                                                                         seed=seed)
+
+
+def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgorithm:
+    """A HierFedLoRA-shaped algorithm: ``group`` devices, pick each group's arm with ``selector``
+    from the grid ``(arm_depths[a], arm_taus[a])``, train and aggregate at the edge, then in the cloud."""
+    arm_depths, arm_taus = np.asarray(arm_depths), np.asarray(arm_taus)
+    traffic = dict(hierarchical=True, probe=selector.probes)
+
+    def init(env, key) -> AlgoState:
+        return AlgoState(round=0, trainable=env.initial, host={"selector": selector.init(env.num_groups)})
+
+    def round_(env, state: AlgoState, key):
+        rng = stages.round_rng(env, state.round)
+        present = stages.participants(env, rng)
+        ranks = stages.full_ranks(env)
+        sel = state.host["selector"]
+        results, costs, groups, dropped = [], [], [], []
+        for k in range(env.num_groups):
+            g = stages.group_view(env, k, present, ranks)
+            if g.skipped:
+                groups.append(dict(g.record(), skipped=True))
+                continue
+            arm, rec = selector.select(sel, k, lambda: stages.arm_costs(
+                env, g, arm_depths, arm_taus, time_budget=getattr(selector, "time_budget", None), **traffic), rng)
+            depth, tau = int(arm_depths[arm]), int(arm_taus[arm])
+            gkey = jax.random.fold_in(key, k)
+            before = stages.probe(env, state.trainable, g, gkey) if selector.probes else None
+            tr, out = stages.train_group(env, state.trainable, g, depth=depth, tau=tau, key=gkey)
+            after = stages.probe(env, tr, g, gkey) if selector.probes else None
+            cost = stages.group_cost(env, g, depth, tau, **traffic)
+            sel, learned = selector.update(sel, k, arm, Feedback(cost["time"], before, after))
+            probe_rec = {"loss_before": before, "loss_after": after} if selector.probes else {}
+            bad_ids = [int(i) for i in g.ids[out.dropped]]
+            dropped += bad_ids
+            results.append((tr, depth, out.kept_weight))
+            costs.append(cost)
+            groups.append(dict(g.record(), **rec, **learned, skipped=False, arm=int(arm), depth=depth, tau=tau,
+                               time=cost["time"], **probe_rec, train_loss=out.train_loss, dropped=bad_ids))
+        trainable = stages.global_aggregate(state.trainable, results)
+        return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
+
+    return FedAlgorithm(name, tuple(sorted(set(arm_depths.tolist()))), group, init, round_)
 
 
 def _grid(acfg, num_layers):
+    if acfg.depths is not None and len(acfg.depths) == 0:
+        raise ConfigError("algorithm.depths: the arm grid is empty; list at least one depth or omit the key")
     return tuple(acfg.depths) if acfg.depths else default_depths(num_layers)
 
 
-def hierfedlora(acfg, num_layers: int) -> AlgoSpec:
-    """Full method: KL grouping + R-UCB over (depth, tau)."""
-    return AlgoSpec("hierfedlora", "kl", acfg.num_groups, "rucb", _grid(acfg, num_layers), tuple(acfg.taus))
+def _rucb(acfg, num_arms: int) -> RUCB:
+    b = acfg.bandit
+    return RUCB(num_arms, phi=b.phi, gamma=b.gamma, nu=b.nu, time_budget=b.time_budget)
 
 
-def random_groups(acfg, num_layers: int) -> AlgoSpec:
+def _bandit(name: str, acfg, group, depths) -> FedAlgorithm:
+    arm_depths, arm_taus = make_arms(depths, acfg.taus)
+    return hierarchical(name, group=group, selector=_rucb(acfg, len(arm_depths)), arm_depths=arm_depths,
+                        arm_taus=arm_taus)
+
+
+def build(cfg, num_layers: int) -> FedAlgorithm:
+    """HierFedLoRA: KL groups + R-UCB over (depth, tau)."""
+    acfg = cfg.algorithm
+    return _bandit("hierfedlora", acfg, kl_groups(acfg), _grid(acfg, num_layers))
+
+
+def build_random_groups(cfg, num_layers: int) -> FedAlgorithm:
     """Ablation: balanced random groups instead of KL grouping."""
-    return AlgoSpec("hierfedlora_random_groups", "random", acfg.num_groups, "rucb", _grid(acfg, num_layers),
-                    tuple(acfg.taus))
+    acfg = cfg.algorithm
+    return _bandit("hierfedlora_random_groups", acfg, random_groups_of(acfg), _grid(acfg, num_layers))
 
 
-def fixed_arm(acfg, num_layers: int) -> AlgoSpec:
-    """Ablation: KL grouping, one fixed (depth, tau) for every group, no bandit."""
+def build_full_depth(cfg, num_layers: int) -> FedAlgorithm:
+    """Ablation: KL groups, every group at full depth, R-UCB over tau only."""
+    return _bandit("hierfedlora_full_depth", cfg.algorithm, kl_groups(cfg.algorithm), (num_layers,))
+
+
+def build_fixed(cfg, num_layers: int) -> FedAlgorithm:
+    """Ablation: KL groups, one fixed (depth, tau) for every group, no bandit."""
+    acfg = cfg.algorithm
     d = acfg.fixed_depth if acfg.fixed_depth is not None else max(1, num_layers // 2)
-    return AlgoSpec("hierfedlora_fixed", "kl", acfg.num_groups, "fixed", (d,), (acfg.fixed_tau,),
-                    fixed_arm=(d, acfg.fixed_tau))
-
-
-def full_depth(acfg, num_layers: int) -> AlgoSpec:
-    """Ablation: KL grouping, full depth, bandit over tau only."""
-    return AlgoSpec("hierfedlora_full_depth", "kl", acfg.num_groups, "rucb", (num_layers,), tuple(acfg.taus))
+    return hierarchical("hierfedlora_fixed", group=kl_groups(acfg), selector=FixedArm(), arm_depths=[d],
+                        arm_taus=[acfg.fixed_tau])

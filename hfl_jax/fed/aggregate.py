@@ -6,6 +6,8 @@
   trained different depths: each layer is averaged over the groups that trained it.
 * :func:`pad_rank` / :func:`truncate_rank` / :func:`rank_padded_mean` -- the
   zero-padding aggregation of adapters of different ranks (HetLoRA).
+* :func:`svd_product_mean` -- the mean of full products ``A B``, refactored by a
+  truncated SVD (FlexLoRA).
 """
 from __future__ import annotations
 
@@ -137,5 +139,31 @@ def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array, prev: LoRA | None
         if prev is not None:
             A = jnp.where(held, A, prev.weights[t]["A"])
             B = jnp.where(held[:, None], B, prev.weights[t]["B"])
+        out[t] = {"A": A, "B": B}
+    return LoRA(out, lora.scale)
+
+
+def svd_product_mean(lora: LoRA, weights: Array, prev: LoRA | None = None) -> LoRA:
+    """FlexLoRA's server step: the weighted mean of the full products, refactored at the global rank.
+
+    ``lora`` leaves are ``[M, L, in, r]`` (A) and ``[M, L, r, out]`` (B), devices of lower rank
+    zero beyond it. Per layer ``P = sum_m w_m A_m B_m / sum_m w_m`` (``[in, out]``), then the
+    truncated SVD ``P ~ U_r S_r V_r^T`` gives ``A = U_r S_r^{1/2}``, ``B = S_r^{1/2} V_r^T`` with
+    components in decreasing singular value, so the first ``k`` components are the best rank-``k``
+    approximation of ``P`` (Eckart-Young). With zero total weight the result is ``prev``.
+    """
+    r = lora.rank
+    w = jnp.asarray(weights, jnp.float32)
+    total = w.sum()
+    out = {}
+    for t, ab in lora.weights.items():
+        prod = jnp.einsum("m,m...ir,m...ro->...io", w, ab["A"], ab["B"]) / jnp.maximum(total, 1e-30)
+        u, s, vt = jnp.linalg.svd(prod, full_matrices=False)
+        root = jnp.sqrt(s[..., :r])
+        A = u[..., :, :r] * root[..., None, :]
+        B = root[..., :, None] * vt[..., :r, :]
+        if prev is not None:
+            A = jnp.where(total > 0, A, prev.weights[t]["A"])
+            B = jnp.where(total > 0, B, prev.weights[t]["B"])
         out[t] = {"A": A, "B": B}
     return LoRA(out, lora.scale)

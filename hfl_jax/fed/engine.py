@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hfl_jax.config import HETLORA_SPARSITY as SPARSITY
-from hfl_jax.fed.aggregate import rank_padded_mean, weighted_mean
 from hfl_jax.fed.device_axis import DeviceAxis
+from hfl_jax.fed.group_aggregators import FedAvg
 from hfl_jax.fed.local import make_loss_fn, make_local_train
 from hfl_jax.fed.xla import jit
 from hfl_jax.models.encoder import EncoderModel
@@ -33,31 +32,10 @@ class GroupRoundMetrics(NamedTuple):
     weight: Array    # [M] aggregation weight actually used
 
 
-def adapter_norms(new: Any) -> Array:
-    """``[M]`` ``sqrt(sum_targets,layers ||A'_m B'_m||_F^2)``: the norm of each device's whole adapter."""
-    sq = [jnp.square(jnp.einsum("m...ir,m...ro->m...io", ab["A"], ab["B"])).reshape(ab["A"].shape[0], -1).sum(1)
-          for ab in new["lora"].weights.values()]
-    return jnp.sqrt(sum(sq))
-
-
-def update_norms(new: Any, old: Any, ranks: Array) -> Array:
-    """``[M]`` HetLoRA sparsity weights: ``sqrt(sum_targets,layers ||A'_m B'_m - A_{:r_m} B_{:r_m}||_F^2)``,
-    each device's update against the rank-``r_m`` truncation it received."""
-    keep = (jnp.arange(old["lora"].rank)[None, :] < ranks[:, None]).astype(jnp.float32)   # [M, r]
-
-    def delta(ab_new, ab_old):
-        a_old = ab_old["A"][None] * keep.reshape(keep.shape[0], *(1,) * (ab_old["A"].ndim - 1), -1)
-        return (jnp.einsum("m...ir,m...ro->m...io", ab_new["A"], ab_new["B"])
-                - jnp.einsum("m...ir,...ro->m...io", a_old, ab_old["B"]))
-    sq = [jnp.square(delta(new["lora"].weights[t], old["lora"].weights[t])).reshape(
-        keep.shape[0], -1).sum(1) for t in new["lora"].weights]
-    return jnp.sqrt(sum(sq))
-
-
 @functools.lru_cache(maxsize=64)
-def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, depth: int, num_steps: int,
-                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(), aggregator: str = "fedavg",
-                     sparsity: str = "update"):
+def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int, local_steps: int,
+                     batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
+                     aggregator: Any = FedAvg(), per_device: bool = False):
     """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None) -> (trainable, metrics)``.
 
     Args (of the returned function):
@@ -67,41 +45,34 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, d
       device_ids: ``[M]`` int32 global device ids (keys are folded in per id).
       weights: ``[M]`` aggregation weights (sample counts; 0 for absent or padding devices).
       round_key: PRNG key of this (intra-group) round.
-      ranks: ``[M]`` per-device LoRA ranks (HetLoRA); ``None`` = everyone at full rank.
+      ranks: ``[M]`` per-device LoRA ranks (HetLoRA, FlexLoRA); ``None`` = everyone at full rank.
+      device_lora: only with ``per_device=True``: ``[M, ...]`` LoRA each device starts from
+        instead of ``trainable["lora"]`` (FedSA-LoRA's device-kept B).
 
-    ``aggregator``: ``"fedavg"`` (sample-weighted mean) or ``"hetlora"``
-    (zero-padding rank aggregation, :func:`~hfl_jax.fed.aggregate.rank_padded_mean`,
-    with weights ``weights * s_m``; the head stays sample-weighted). ``sparsity`` picks ``s_m``:
-    ``"update"`` :func:`update_norms` (the round's change), ``"adapter"`` :func:`adapter_norms`
-    (the whole adapter), ``"none"`` (1).
+    ``aggregator``: a group aggregator from :mod:`hfl_jax.fed.group_aggregators`
+    (``FedAvg()``, ``RankPadded(sparsity)``, ``SVDProductMean()``); hashable, part of the cache key.
 
     Returns:
-      the aggregated trainable (unchanged if every weight is 0) and :class:`GroupRoundMetrics`.
+      the aggregated trainable (unchanged if every weight is 0), :class:`GroupRoundMetrics`,
+      and with ``per_device=True`` also the devices' trained trainables ``[M, ...]``.
     """
-    if aggregator not in ("fedavg", "hetlora"):
-        raise ValueError(f"unknown aggregator {aggregator!r}; use 'fedavg' or 'hetlora'")
-    if sparsity not in SPARSITY:
-        raise ValueError(f"unknown sparsity {sparsity!r}; use one of {SPARSITY}")
-    local = make_local_train(model, inner, depth, num_steps, batch_size, n_max)
-    mapped = axis.map(local, in_axes=(None, None, 0, None, 0, 0))
+    local = make_local_train(model, inner, depth, local_steps, batch_size, n_max)
+    if per_device:
+        def start_from(trainable, base, data_row, key, device_id, rank, device_lora):
+            return local(dict(trainable, lora=device_lora), base, data_row, key, device_id, rank)
+        mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0))
+    else:
+        mapped = axis.map(local, in_axes=(None, None, 0, None, 0, 0))
 
     @jit
-    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None):
+    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora):
         if ranks is None:
             ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
-        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks)
-        agg, finite = weighted_mean(new, weights, fallback=trainable)
-        used = jnp.where(finite, weights, 0.0)
-        if aggregator == "hetlora":
-            clean = jax.tree.map(lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), new)
-            if sparsity == "update":
-                s = used * update_norms(clean, trainable, ranks)
-            elif sparsity == "adapter":
-                s = used * adapter_norms(clean)
-            else:
-                s = used
-            agg = dict(agg, lora=rank_padded_mean(clean["lora"], ranks, s, prev=trainable["lora"]))
+        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, *device_lora)
+        agg, finite, used = aggregator(new, trainable, weights, ranks)
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
+        if per_device:
+            return agg, axis.constrain(out, sharded=False), new
         return agg, axis.constrain(out, sharded=False)
 
     return group_round

