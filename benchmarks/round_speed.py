@@ -222,7 +222,8 @@ def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, chunk_size: int
             raise ValueError(f"cannot cache {w.cached} layers at depth {w.d} of {model.cfg.num_layers}")
         data = attach_hidden(data, model, base_of(setup.params), w.cached)
     axis = DeviceAxis(chunk_size=chunk_size if chunk_size and chunk_size < w.M else None)
-    group_round = make_group_round(model, optax.adam(w.lr), depth=w.d, local_steps=w.E, batch_size=w.B, n_max=data.n_max, axis=axis)
+    group_round = make_group_round(model, optax.adam(w.lr), depth=w.d, local_steps=w.E, batch_size=w.B,
+                                   n_max=data.n_max, axis=axis)
     args = jax.device_put((trainable, base_of(setup.params), data, ids, weights, key))
     t0 = time.perf_counter()
     compiled = group_round.lower(*args).compile()

@@ -47,7 +47,8 @@ def test_chunked_equals_unchunked():
     args = (trainable, base_of(params), data, jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes),
             jax.random.PRNGKey(3))
     plain, m1 = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max)(*args)
-    chunked, m2 = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max, axis=DeviceAxis(chunk_size=2))(*args)
+    chunked, m2 = make_group_round(model, OPT, depth=3, local_steps=E, batch_size=B, n_max=data.n_max,
+                                    axis=DeviceAxis(chunk_size=2))(*args)
     _close(plain, chunked)
     np.testing.assert_allclose(m1.loss, m2.loss, atol=1e-5)
 
@@ -109,7 +110,8 @@ SHARDED = textwrap.dedent("""
     assert len(jax.devices()) == 4, jax.devices()
     model, params, trainable, data, sizes = setup()
     ids, w, key = np.arange(8, dtype=np.int32), sizes, jax.random.PRNGKey(3)
-    plain, _ = make_group_round(model, OPT, depth=2, local_steps=3, batch_size=4, n_max=data.n_max)(trainable, base_of(params), data, ids, w, key)
+    plain, _ = make_group_round(model, OPT, depth=2, local_steps=3, batch_size=4, n_max=data.n_max)(
+        trainable, base_of(params), data, ids, w, key)
     for chunk in (None, 4):
         axis = DeviceAxis(make_mesh(), chunk_size=chunk)
         out, m = make_group_round(model, OPT, depth=2, local_steps=3, batch_size=4, n_max=data.n_max, axis=axis)(

@@ -59,7 +59,8 @@ def _analyse(vocab, m, axis=DeviceAxis()):
     trainable, base = {"lora": lora, "head": params["head"]}, base_of(params)
     data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _data(m))
     ids, weights = jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32)
-    group_round = make_group_round(model, optax.adam(1e-2), depth=cfg.num_layers, local_steps=E, batch_size=B, n_max=N_MAX, axis=axis)
+    group_round = make_group_round(model, optax.adam(1e-2), depth=cfg.num_layers, local_steps=E, batch_size=B,
+                                   n_max=N_MAX, axis=axis)
     stats = group_round.lower(trainable, base, data, ids, weights, jax.random.PRNGKey(0)).compile().memory_analysis()
     per_device_in = _nbytes(data) // m + 4 + 4  # data rows + device id + weight
     return stats, _nbytes(base), _nbytes(trainable), per_device_in

@@ -48,7 +48,8 @@ WORKER = textwrap.dedent("""
         sharded_data = axis.put(data)
         leaf = jax.tree.leaves(sharded_data)[0]
         assert not leaf.is_fully_addressable and len(leaf.sharding.device_set) == 4
-        agg, metrics = make_group_round(model, OPT, depth={depth}, local_steps={E}, batch_size={B}, n_max=data.n_max, axis=axis)(
+        agg, metrics = make_group_round(model, OPT, depth={depth}, local_steps={E}, batch_size={B}, n_max=data.n_max,
+                                         axis=axis)(
             axis.replicate(trainable), axis.replicate(base_of(params)), sharded_data, axis.put(ids),
             axis.put(sizes), axis.replicate(key))
         for i, x in enumerate(jax.tree.leaves(agg)):

@@ -36,7 +36,8 @@ class GroupRoundMetrics(NamedTuple):
 def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int, local_steps: int,
                      batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
                      aggregator: Any = FedAvg(), per_device: bool = False):
-    """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None) -> (trainable, metrics)``.
+    """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None)``
+    ``-> (trainable, metrics)``.
 
     Args (of the returned function):
       trainable: ``{"lora": LoRA, "head": ...}`` the group's current model (broadcast to its devices).
