@@ -14,7 +14,7 @@ below is our reconstruction (see docs/algorithm.md, "## Grouping"):
            + lam * sum_k (m_k / N) * std_{i in k}(log s_i)
 
 with n_k the samples and m_k the devices of group k, q_k the group's pooled
-label distribution, q the global one (both epsilon-smoothed, :data:`hfl_jax.data.report.KL_EPS`) and
+label distribution, q the global one (both epsilon-smoothed, ``KL_EPS``) and
 s_i the device speeds. The data term is the mutual information between the
 group index and the label (up to smoothing).
 
@@ -48,6 +48,12 @@ class _GroupStats(NamedTuple):
 # --------------------------------------------------------------------------
 
 
+# Smoothing of the grouping objective's KL (hfl_jax.data.report.kl_divergence): larger than the
+# reports' so the greedy search never sees log(0)-sized terms; hand-computed (unsmoothed) KLs
+# agree to ~1e-5.
+KL_EPS = 1e-6
+
+
 def _global_dist(label_counts: np.ndarray) -> np.ndarray:
   """Global label distribution q [C]."""
   tot = label_counts.sum(axis=0)
@@ -59,7 +65,7 @@ def _kl_rows(counts: np.ndarray, q: np.ndarray) -> np.ndarray:
   """KL(q_row || q) for label-count rows [..., C] -> [...] (smoothed,
   :func:`hfl_jax.data.report.kl_divergence`); 0 for empty rows."""
   n = counts.sum(axis=-1, keepdims=True)
-  kl = kl_divergence(np.divide(counts, n, out=np.zeros_like(counts), where=n > 0), q)
+  kl = kl_divergence(np.divide(counts, n, out=np.zeros_like(counts), where=n > 0), q, eps=KL_EPS)
   return np.where(n[..., 0] > 0, kl, 0.0)
 
 

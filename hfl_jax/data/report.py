@@ -13,8 +13,8 @@ import numpy as np
 from hfl_jax.data.tasks import DataError
 
 #: Added to every probability before normalising, so KL is finite when a class is absent
-#: (the one smoothing constant of the project: partition reports and the grouping objective).
-KL_EPS = 1e-6
+#: globally; a device's own zero classes contribute 0 * log(...) = 0 regardless.
+KL_EPS = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
