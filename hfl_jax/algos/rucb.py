@@ -270,7 +270,8 @@ def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
     fit = detrended_fit(state, slope_prior=slope_prior,
                         noise_prior=noise_prior)
     played = np.asarray(state.weights) > 0
-    bonus = phi * math.sqrt(2.0 * math.log(max(fit["n"], 1.0))) * fit["se"]
+    se = np.where(played, fit["se"], 0.0)
+    bonus = phi * math.sqrt(2.0 * math.log(max(fit["n"], 1.0))) * se
     idx = np.where(played, fit["level"] + bonus, np.inf)
     idx = np.where(feas, idx, -np.inf)
     arm = int(order[np.argmax(idx[order])])
