@@ -215,7 +215,7 @@ def test_detrended_fit_hand_computed():
   assert np.isnan(fit["level"][2]) and fit["se"][2] == np.inf
   # index = level + sqrt(2 ln 3) se = [1.5433324, 0.8892664]; arm 2 unplayed
   arm, info = b.select(s, np.array([True, True, False]), seed=0)
-  assert arm == 0 and not info["explore"] and info["greedy"]
+  assert arm == 0 and not info["explore"] and info["greedy"] is True
   np.testing.assert_allclose(info["index"][:2], [1.5433324, 0.8892664],
                              atol=1e-7)
   arm, info = b.select(s, np.array([True, True, True]), seed=0)

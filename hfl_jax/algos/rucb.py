@@ -276,7 +276,7 @@ def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
     idx = np.where(feas, idx, -np.inf)
     arm = int(order[np.argmax(idx[order])])
     level = np.where(feas & played, fit["level"], -np.inf)
-    greedy = bool(played[arm]) and level[arm] >= level.max()
+    greedy = bool(played[arm] and level[arm] >= level.max())
     info = {"arm": arm, "explore": not bool(played[arm]), "greedy": greedy,
             "round": int(np.asarray(state.round)), "index": idx.tolist(),
             "level": fit["level"].tolist(), "se": fit["se"].tolist(),
