@@ -81,7 +81,8 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
             costs.append(cost)
             groups.append(dict(g.record(), **rec, skipped=False, arm=int(arm), depth=depth, tau=tau,
                                time=cost["time"], **probe_rec, train_loss=out.train_loss, dropped=bad_ids))
-            pulls.append((k, arm, groups[-1], Feedback(cost["time"], before, after, budget=rec.get("time_budget"))))
+            fb = Feedback(cost["time"], before, after, budget=rec.get("time_budget"))
+            pulls.append((k, arm, groups[-1], fb))
         # every bandit learns once the round's global time (the slowest group's) is known
         round_time = global_round_time([c["time"] for c in costs])
         for k, arm, record, fb in pulls:

@@ -302,7 +302,7 @@ def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
 
 def log_rate(loss_before: float, loss_after: float, round_time: float,
              scale: float, floor: float = 0.1) -> float:
-  """y = log(max(rate, floor * scale)), rate = (loss_before - loss_after) / round_time.
+  """y = log(max(rate, floor * scale)), rate = (before - after) / round_time.
 
   ``scale`` is a typical |rate| of the group (a running average); a loss
   increase or a tiny decrease scores log(floor * scale), so one bad probe
