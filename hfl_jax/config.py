@@ -102,10 +102,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BanditConfig:
-    phi: float = 0.5
-    gamma: float = 0.95
+    reward: str = "detrended"   # "detrended": log(progress / global round time), common drift cancels;
+                                # "ema": the original reward (progress / group time over an EMA), plain D-UCB
+    phi: float = 0.5            # exploration (detrended: in standard errors; ema: in reward units)
+    gamma: float = 0.98         # discount (window ~ 1 / (1 - gamma) pulls); ema's old default was 0.95
     nu: float = 0.5
     time_budget: Optional[float] = None   # per-global-round simulated time budget (s); None = none
+    time_budget_factor: Optional[float] = None   # auto budget: factor x median estimated arm time, per group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +263,7 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     from hfl_jax.algos import ALGORITHMS
     from hfl_jax.data.partition import PARTITIONERS
     from hfl_jax.fed.group_aggregators import SPARSITY
+    from hfl_jax.algos.selectors import REWARDS
 
     t, p, a, l = cfg.train, cfg.partition, cfg.algorithm, cfg.lora
     _require(cfg.name.strip() != "", "name", "must not be empty")
@@ -304,6 +308,12 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     b = a.bandit
     _require(0 < b.gamma <= 1, "algorithm.bandit.gamma", f"must be in (0, 1], got {b.gamma}")
     _require(b.phi >= 0 and b.nu >= 0, "algorithm.bandit", "phi and nu must be >= 0")
+    _require(b.reward in REWARDS, "algorithm.bandit.reward",
+             f"unknown reward {b.reward!r}; one of {', '.join(REWARDS)}")
+    _require(b.time_budget_factor is None or b.time_budget_factor > 0, "algorithm.bandit.time_budget_factor",
+             "must be > 0")
+    _require(b.time_budget is None or b.time_budget_factor is None, "algorithm.bandit",
+             "set time_budget (seconds) or time_budget_factor (automatic), not both")
     h = a.hetlora
     _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
     _require(h.min_rank >= 1, "algorithm.hetlora.min_rank", f"must be >= 1, got {h.min_rank}")

@@ -193,3 +193,103 @@ def test_bad_hyperparameters_raise():
   with pytest.raises(ValueError, match="arm must lie"):
     rucb(3).update(rucb(3).init(), 3, 1.0)
   assert rucb_lib.RUCB._fields == ("init", "select", "update")
+
+
+def test_detrended_fit_hand_computed():
+  # gamma = 1, slope_prior = 2, noise_prior = .5 (prior_dof 2);
+  # pulls (t, arm, y): (0, 0, 1.0), (1, 1, 0.0), (2, 0, 0.6)
+  # arm 0: W 2, tbar 1, ybar .8, Sxx 2, Sxy -.4, Syy .08
+  # arm 1: W 1, tbar 1, ybar 0, Sxx = Sxy = Syy = 0
+  # slope = -.4 / (2 + 2) = -.1; RSS = .08 - .04 = .04; dof = 3 - 2 - 1 = 0
+  # sigma^2 = (.04 + 2 * .25) / 2 = .27
+  # at t0 = 3: level = [.8 - .2, 0 - .2] = [.6, -.2]
+  # se = sigma sqrt([1/2 + 4/4, 1 + 4/4]) = [.6363961, .7348469]
+  b = rucb_lib.detrended_rucb(3, phi=1.0, gamma=1.0, slope_prior=2.0,
+                              noise_prior=0.5)
+  s = b.init()
+  for arm, y in [(0, 1.0), (1, 0.0), (0, 0.6)]:
+    s = b.update(s, arm, y)
+  fit = rucb_lib.detrended_fit(s, slope_prior=2.0, noise_prior=0.5)
+  assert fit["slope"] == pytest.approx(-0.1)
+  assert fit["sigma"] == pytest.approx(math.sqrt(0.27))
+  np.testing.assert_allclose(fit["level"][:2], [0.6, -0.2])
+  np.testing.assert_allclose(fit["se"][:2], [0.6363961, 0.7348469], atol=1e-7)
+  assert np.isnan(fit["level"][2]) and fit["se"][2] == np.inf
+  # index = level + sqrt(2 ln 3) se = [1.5433324, 0.8892664]; arm 2 unplayed
+  arm, info = b.select(s, np.array([True, True, False]), seed=0)
+  assert arm == 0 and not info["explore"] and info["greedy"] is True
+  np.testing.assert_allclose(info["index"][:2], [1.5433324, 0.8892664],
+                             atol=1e-7)
+  arm, info = b.select(s, np.array([True, True, True]), seed=0)
+  assert arm == 2 and info["explore"] and not info["greedy"]
+  # overrun penalty in log units: y~ = y - nu (T / B - 1)
+  s2 = b.update(s, 1, 0.0, time=1.5, budget=1.0)
+  assert float(s2.y_sums[1]) == pytest.approx(-0.25)
+
+
+def test_common_drift_cancels():
+  # y = theta_a - .3 t exactly: the fitted levels at t0 are theta_a - .3 t0,
+  # whatever the order of the pulls
+  theta = np.array([0.0, 1.0, 0.5])
+  b = rucb_lib.detrended_rucb(3, gamma=1.0, slope_prior=1e-9)
+  s = b.init()
+  for t, arm in enumerate([1, 1, 0, 2, 0, 2, 1, 0]):
+    s = b.update(s, arm, theta[arm] - 0.3 * t)
+  fit = rucb_lib.detrended_fit(s, slope_prior=1e-9, noise_prior=0.5)
+  assert fit["slope"] == pytest.approx(-0.3)
+  np.testing.assert_allclose(fit["level"], theta - 0.3 * 8, atol=1e-6)
+
+
+def test_log_rate():
+  # loss 2.0 -> 1.5 in .5 s: rate 1, log 1 = 0;
+  # a loss increase floors at log(.1 * scale)
+  assert rucb_lib.log_rate(2.0, 1.5, 0.5, 2.0) == pytest.approx(0.0)
+  assert rucb_lib.log_rate(1.5, 2.0, 0.5, 2.0) == pytest.approx(math.log(0.2))
+  with pytest.raises(ValueError):
+    rucb_lib.log_rate(2.0, 1.5, 0.0, 2.0)
+
+
+def test_selector_rewards_use_the_global_round_time():
+  from hfl_jax.algos.selectors import RUCB as Selector, Feedback
+  new = Selector(2, phi=0.5, gamma=0.98, nu=0.5)
+  st = new.init(1)
+  # a group that finished in 1 s while the round took 4 s: rate .5 / 4 = .125
+  _, rec = new.update(st, 0, 0, Feedback(1.0, 2.0, 1.5, round_time=4.0))
+  assert rec["reward"] == pytest.approx(math.log(0.125))
+  _, rec2 = new.update(st, 0, 1, Feedback(3.0, 2.0, 1.5, round_time=4.0))
+  # finishing early earns nothing while the others wait
+  assert rec2["reward"] == rec["reward"]
+  old = Selector(2, phi=0.5, gamma=0.95, nu=0.5, reward="ema")
+  _, rec = old.update(old.init(1), 0, 0,
+                      Feedback(1.0, 2.0, 1.5, round_time=4.0))
+  # per group second; first pull: its own rate is the reference
+  assert rec["reward"] == pytest.approx(0.5)
+
+
+def test_selector_auto_budget():
+  from hfl_jax.algos.selectors import RUCB as Selector, Feedback
+  sel = Selector(4, phi=0.5, gamma=0.98, nu=0.5, time_budget_factor=1.0)
+  est = np.array([1.0, 2.0, 3.0, 10.0])
+  # the median over memory-feasible arms is 2 s
+  mem_ok = np.array([True, True, True, False])
+  rng = np.random.default_rng(0)
+  st = sel.init(1)
+  for _ in range(6):
+    arm, rec = sel.select(st, 0, lambda: (mem_ok, est), rng)
+    assert rec["time_budget"] == 2.0 and arm in (0, 1)
+    st, _ = sel.update(st, 0, arm, Feedback(est[arm], 2.0, 1.9, round_time=2.0,
+                                            budget=rec["time_budget"]))
+
+
+def test_bandit_config_keys():
+  from pathlib import Path
+  from hfl_jax.config import ConfigError, load_config
+  smoke = Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml"
+  cfg = load_config(smoke, [], check_model=False)
+  assert cfg.algorithm.bandit.reward == "detrended"
+  with pytest.raises(ConfigError, match="algorithm.bandit.reward.*ema"):
+    load_config(smoke, ["algorithm.bandit.reward=bogus"], check_model=False)
+  with pytest.raises(ConfigError, match="not both"):
+    load_config(smoke, ["algorithm.bandit.time_budget=5",
+                        "algorithm.bandit.time_budget_factor=1"],
+                check_model=False)

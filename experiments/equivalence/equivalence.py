@@ -46,7 +46,9 @@ CONFIGS = {
         "partition": {"num_devices": 8, "method": "dirichlet", "alpha": 0.5, "min_samples": 5},
         "train": {"rounds": 4, "local_steps": 3, "batch_size": 8, "lr": 0.003, "eval_every": 1,
                   "eval_batch_size": 64},
-        "algorithm": {"num_groups": 2, "depths": [2, 4], "taus": [1, 2], "hetlora": {"ranks": [1, 2, 4]}},
+        "algorithm": {"num_groups": 2, "depths": [2, 4], "taus": [1, 2], "hetlora": {"ranks": [1, 2, 4]},
+                      # the golden files were written with the original reward and its defaults
+                      "bandit": {"reward": "ema", "phi": 0.5, "gamma": 0.95, "nu": 0.5}},
         "checkpoint": {"every": 1, "keep": 2},
     },
     "sst2": {
@@ -59,7 +61,8 @@ CONFIGS = {
         "train": {"rounds": 3, "local_steps": 5, "batch_size": 16, "optimizer": "adamw", "lr": 0.001,
                   "eval_every": 1, "eval_batch_size": 218},
         "algorithm": {"num_groups": 4, "depths": [1, 3, 6], "taus": [1, 2], "fixed_depth": 3, "fixed_tau": 2,
-                      "bandit": {"phi": 0.5, "gamma": 0.95, "nu": 0.5}, "hetlora": {"ranks": [2, 4, 8]}},
+                      "bandit": {"reward": "ema", "phi": 0.5, "gamma": 0.95, "nu": 0.5},
+                      "hetlora": {"ranks": [2, 4, 8]}},
         "checkpoint": {"every": 5, "keep": 1},
     },
 }

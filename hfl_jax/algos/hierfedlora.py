@@ -6,7 +6,8 @@ Devices are partitioned into near-IID groups by greedy K-means on label-distribu
 aggregation frequency ``tau`` within the resource limits; the group's devices train LoRA on
 their top ``d`` layers and aggregate at the group's edge node ``tau`` times; the cloud then
 aggregates layer-wise over groups (:func:`hfl_jax.fed.aggregate.layerwise_aggregate`) and
-each bandit learns from its group's progress per simulated second.
+each bandit learns from its group's progress per second of the global round (the slowest group's
+time, known once every group has run).
 
 Ablations swap one part: random groups, one fixed arm, full depth only.
 """
@@ -21,6 +22,7 @@ from hfl_jax.algos.api import AlgoState, FedAlgorithm
 from hfl_jax.algos.rucb import make_arms
 from hfl_jax.algos.selectors import RUCB, Feedback, FixedArm
 from hfl_jax.config import ConfigError
+from hfl_jax.fed.timemodel import global_round_time
 
 
 def default_depths(num_layers: int) -> tuple[int, ...]:
@@ -58,7 +60,7 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
         present = stages.participants(env, rng)
         ranks = stages.full_ranks(env)
         sel = state.host["selector"]
-        results, costs, groups, dropped = [], [], [], []
+        results, costs, groups, dropped, pulls = [], [], [], [], []
         for k in range(env.num_groups):
             g = stages.group_view(env, k, present, ranks)
             if g.skipped:
@@ -72,14 +74,20 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
             tr, out = stages.train_group(env, state.trainable, g, depth=depth, tau=tau, key=gkey)
             after = stages.probe(env, tr, g, gkey) if selector.probes else None
             cost = stages.group_cost(env, g, depth, tau, **traffic)
-            sel, learned = selector.update(sel, k, arm, Feedback(cost["time"], before, after))
             probe_rec = {"loss_before": before, "loss_after": after} if selector.probes else {}
             bad_ids = [int(i) for i in g.ids[out.dropped]]
             dropped += bad_ids
             results.append((tr, depth, out.kept_weight))
             costs.append(cost)
-            groups.append(dict(g.record(), **rec, **learned, skipped=False, arm=int(arm), depth=depth, tau=tau,
+            groups.append(dict(g.record(), **rec, skipped=False, arm=int(arm), depth=depth, tau=tau,
                                time=cost["time"], **probe_rec, train_loss=out.train_loss, dropped=bad_ids))
+            fb = Feedback(cost["time"], before, after, budget=rec.get("time_budget"))
+            pulls.append((k, arm, groups[-1], fb))
+        # every bandit learns once the round's global time (the slowest group's) is known
+        round_time = global_round_time([c["time"] for c in costs])
+        for k, arm, record, fb in pulls:
+            sel, learned = selector.update(sel, k, arm, fb._replace(round_time=round_time))
+            record.update(learned)
         trainable = stages.global_aggregate(state.trainable, results)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
@@ -94,7 +102,8 @@ def _grid(acfg, num_layers):
 
 def _rucb(acfg, num_arms: int) -> RUCB:
     b = acfg.bandit
-    return RUCB(num_arms, phi=b.phi, gamma=b.gamma, nu=b.nu, time_budget=b.time_budget)
+    return RUCB(num_arms, phi=b.phi, gamma=b.gamma, nu=b.nu, time_budget=b.time_budget, reward=b.reward,
+                time_budget_factor=b.time_budget_factor)
 
 
 def _bandit(name: str, acfg, group, depths) -> FedAlgorithm:

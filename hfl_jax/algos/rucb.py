@@ -18,6 +18,12 @@ reconstruction (docs/algorithm.md, "## R-UCB"):
     r~_t = r_t - nu * max(0, T_t / B - 1) (overrun penalty)
     I_a = S_a / N_a + phi * sqrt(2 ln n / N_a)
 
+``detrended_rucb`` (the default, config ``bandit.reward: detrended``) learns from
+log progress rates under a common drift: y_t = theta_a + beta t + noise, fitted
+by discounted least squares with one level theta_a per arm and one slope beta
+shared by all arms, so a drift common to all arms (training converging) cancels
+from the comparison of arms (docs/algorithm.md, "### Detrended R-UCB").
+
 Builder-style like optax: ``rucb(num_arms, phi=, gamma=, nu=)`` returns an
 ``RUCB(init, select, update)`` of pure functions over an ``RUCBState``
 NamedTuple (a JAX pytree that round-trips through orbax). ``select`` returns
@@ -157,6 +163,156 @@ def rucb(num_arms: int, *, phi: float = 1.0, gamma: float = 0.9,
         round=np.asarray(int(np.asarray(state.round)) + 1, np.int64))
 
   return RUCB(init=init, select=select, update=update)
+
+
+class DetrendedState(NamedTuple):
+  """Discounted per-arm sums of the detrended bandit (weights w = gamma^age)."""
+  weights: np.ndarray  # [A] float64, W_a = sum w
+  t_sums: np.ndarray  # [A] float64, sum w t  (t: the bandit's pull count)
+  y_sums: np.ndarray  # [A] float64, sum w y  (y: penalised log rate)
+  tt_sums: np.ndarray  # [A] float64, sum w t^2
+  ty_sums: np.ndarray  # [A] float64, sum w t y
+  yy_sums: np.ndarray  # [A] float64, sum w y^2
+  round: np.ndarray  # [] int64, number of updates so far (the next pull's t)
+
+
+def detrended_fit(state: DetrendedState, *, slope_prior: float,
+                  noise_prior: float, prior_dof: float = 2.0) -> dict:
+  """Discounted least squares of y = theta_a + beta t over the pulls so far.
+
+  beta = sum_a Sxy_a / (sum_a Sxx_a + slope_prior) (within-arm variation only,
+  ridge ``slope_prior``); level at the current time t0 = ``state.round``:
+  theta_a(t0) = ybar_a + beta (t0 - tbar_a); noise variance
+  s^2 = (RSS + prior_dof noise_prior^2) / (max(0, W - P - 1) + prior_dof), P =
+  played arms; standard error of theta_a(t0):
+  s sqrt(1/W_a + (t0 - tbar_a)^2 / (sum_a Sxx_a + slope_prior)).
+
+  Returns a dict of numpy values: ``level`` [A] (nan if unplayed), ``se`` [A]
+  (inf if unplayed), ``slope``, ``sigma``, ``n`` (sum of weights).
+  """
+  w = np.asarray(state.weights, np.float64)
+  played = w > 0
+  safe = np.where(played, w, 1.0)
+  tbar = np.asarray(state.t_sums, np.float64) / safe
+  ybar = np.asarray(state.y_sums, np.float64) / safe
+  sxx = np.where(played, np.asarray(state.tt_sums) - w * tbar**2, 0.0)
+  sxy = np.where(played, np.asarray(state.ty_sums) - w * tbar * ybar, 0.0)
+  syy = np.where(played, np.asarray(state.yy_sums) - w * ybar**2, 0.0)
+  sxx_all = max(float(sxx.sum()), 0.0) + slope_prior
+  slope = float(sxy.sum()) / sxx_all
+  rss = max(float(syy.sum()) - slope * float(sxy.sum()), 0.0)
+  dof = max(float(w.sum()) - int(played.sum()) - 1.0, 0.0)
+  sigma = math.sqrt((rss + prior_dof * noise_prior**2) / (dof + prior_dof))
+  t0 = float(np.asarray(state.round))
+  level = np.where(played, ybar + slope * (t0 - tbar), np.nan)
+  se = np.where(played, sigma * np.sqrt(1.0 / safe + (t0 - tbar)**2 / sxx_all),
+                np.inf)
+  return {"level": level, "se": se, "slope": slope, "sigma": sigma,
+          "n": float(w.sum())}
+
+
+def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
+                   nu: float = 0.5, slope_prior: float = 25.0,
+                   noise_prior: float = 0.5) -> RUCB:
+  """Builds the detrended resource-constrained UCB bandit (our reconstruction).
+
+  Rewards are log progress rates y (``log_rate``); the model is
+  y_t = theta_a + beta t + noise with a slope beta common to all arms, fitted
+  by discounted least squares (``detrended_fit``). The index compares arms at
+  the current time, where the common drift beta t cancels:
+
+    I_a = theta_a(t0) + phi sqrt(2 ln max(n, 1)) se_a,
+
+  a Gaussian UCB whose bonus is scaled by the fitted noise level, so phi is in
+  units of standard errors and needs no knowledge of the reward's scale.
+
+  Args:
+    num_arms: A.
+    phi: exploration constant (``bandit.phi``).
+    gamma: discount in (0, 1] (``bandit.gamma``); window ~ 1 / (1 - gamma).
+    nu: overrun penalty weight: y~ = y - nu max(0, T / B - 1).
+    slope_prior: ridge precision of the slope (in pulls^2): the slope is
+      shrunk to 0 until the arms' repeat pulls span about sqrt(slope_prior)
+      pulls.
+    noise_prior: prior noise std of y (log units), worth ``prior_dof = 2``
+      residual degrees of freedom.
+
+  Returns:
+    RUCB(init, select, update) with the same contract as :func:`rucb`:
+    unplayed feasible arms first (seeded order), then argmax of I_a over
+    feasible arms; ``info`` also has ``greedy`` (the chosen arm also has the
+    highest fitted level among played feasible arms), ``level``, ``se``,
+    ``slope``, ``sigma``.
+  """
+  if not isinstance(num_arms, int) or num_arms < 1:
+    raise ValueError(f"num_arms must be a positive int, got {num_arms!r}")
+  if not 0.0 < gamma <= 1.0:
+    raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+  if phi < 0 or nu < 0 or slope_prior <= 0 or noise_prior <= 0:
+    raise ValueError("need phi, nu >= 0 and slope_prior, noise_prior > 0")
+  a_total = num_arms
+  fields = DetrendedState._fields[:-1]
+
+  def init() -> DetrendedState:
+    return DetrendedState(*[np.zeros(a_total) for _ in fields],
+                          round=np.asarray(0, np.int64))
+
+  def select(state: DetrendedState, feasible, seed: int = 0
+             ) -> tuple[int, dict]:
+    feas = np.asarray(feasible, bool)
+    if feas.shape != (a_total,):
+      raise ValueError(f"feasible must have shape ({a_total},), "
+                       f"got {feas.shape}")
+    if not feas.any():
+      raise ValueError("no feasible arm: every (depth, tau) exceeds the "
+                       "memory or time budget")
+    order = np.random.default_rng(seed).permutation(a_total)
+    fit = detrended_fit(state, slope_prior=slope_prior,
+                        noise_prior=noise_prior)
+    played = np.asarray(state.weights) > 0
+    se = np.where(played, fit["se"], 0.0)
+    bonus = phi * math.sqrt(2.0 * math.log(max(fit["n"], 1.0))) * se
+    idx = np.where(played, fit["level"] + bonus, np.inf)
+    idx = np.where(feas, idx, -np.inf)
+    arm = int(order[np.argmax(idx[order])])
+    level = np.where(feas & played, fit["level"], -np.inf)
+    greedy = bool(played[arm] and level[arm] >= level.max())
+    info = {"arm": arm, "explore": not bool(played[arm]), "greedy": greedy,
+            "round": int(np.asarray(state.round)), "index": idx.tolist(),
+            "level": fit["level"].tolist(), "se": fit["se"].tolist(),
+            "slope": fit["slope"], "sigma": fit["sigma"],
+            "feasible": feas.tolist()}
+    return arm, info
+
+  def update(state: DetrendedState, arm: int, reward: float, *,
+             time: float | None = None,
+             budget: float | None = None) -> DetrendedState:
+    if not 0 <= int(arm) < a_total:
+      raise ValueError(f"arm must lie in [0, {a_total}), got {arm}")
+    y = penalized_reward(reward, time, budget, nu)
+    t = float(np.asarray(state.round))
+    onehot = (np.arange(a_total) == int(arm)).astype(np.float64)
+    add = (1.0, t, y, t * t, t * y, y * y)
+    new = [gamma * np.asarray(getattr(state, f), np.float64) + onehot * v
+           for f, v in zip(fields, add)]
+    return DetrendedState(*new, round=np.asarray(int(t) + 1, np.int64))
+
+  return RUCB(init=init, select=select, update=update)
+
+
+def log_rate(loss_before: float, loss_after: float, round_time: float,
+             scale: float, floor: float = 0.1) -> float:
+  """y = log(max(rate, floor * scale)), rate = (before - after) / round_time.
+
+  ``scale`` is a typical |rate| of the group (a running average); a loss
+  increase or a tiny decrease scores log(floor * scale), so one bad probe
+  costs a bounded log(1 / floor) below a typical pull instead of -inf.
+  """
+  if round_time <= 0 or scale <= 0:
+    raise ValueError(f"round_time and scale must be > 0, got {round_time}, "
+                     f"{scale}")
+  rate = (float(loss_before) - float(loss_after)) / float(round_time)
+  return math.log(max(rate, floor * float(scale)))
 
 
 def make_arms(depths: Sequence[int], taus: Sequence[int]
