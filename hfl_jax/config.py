@@ -474,7 +474,7 @@ def preflight(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> Exper
     """Every check that reads files but loads no data or model: ``data.custom`` files (existence,
     encoding, columns), ``data.data_dir``, ``model.name``/``data.tokenizer`` paths, ``devices.profiles``,
     and the run directory ``out_dir`` (``--out``). Raises :class:`ConfigError` naming the key or file."""
-    from hfl_jax.data.tasks import DataError, check_custom_files, custom_spec
+    from hfl_jax.data.tasks import DataError, DataNotFoundError, check_custom_files, custom_spec
 
     if cfg.data.data_dir is not None:
         _require(Path(cfg.data.data_dir).is_dir(), "data.data_dir", f"directory {cfg.data.data_dir} does not exist")
@@ -483,7 +483,7 @@ def preflight(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> Exper
         for split in ("train", "validation"):
             try:
                 check_custom_files(spec, split)
-            except DataError as e:
+            except (DataError, DataNotFoundError) as e:
                 raise ConfigError(f"data.custom.{split}: {str(e).splitlines()[0]}") from None
     if cfg.data.tokenizer is not None:
         check_model_name(cfg.data.tokenizer, "data.tokenizer")
@@ -562,6 +562,8 @@ def read_yaml(path: str | Path, _seen: tuple = (), resolve: bool = True) -> dict
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base file {path.parent / base} does not exist")
     return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),), resolve), raw)
 
 

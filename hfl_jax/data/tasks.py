@@ -218,7 +218,7 @@ def check_custom_files(spec: CustomSpec, split: str) -> None:
     ``spec.encoding`` and has the spec's columns. Raises `DataError` naming the file."""
     files = spec.train if split == "train" else spec.validation
     if files is None:
-        raise DataError(f"required: the custom dataset has no {split!r} split")
+        raise DataError(f"required: the {split} split's file(s)")
     needed = [spec.text_a] + ([spec.text_b] if spec.text_b else []) + [spec.label]
     for path in _paths(files):
         if not path.is_file():
