@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
-ROUNDS = 12   # smoke.yaml's train.rounds
+ROUNDS = 15   # smoke.yaml's train.rounds
 
 
 def hfl(*args, env=None, timeout=600, cwd=ROOT):
@@ -52,7 +52,7 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
         assert r["sim_time"] > 0 and r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert 0 <= r["eval_accuracy"] <= 1 and np.isfinite(r["eval_loss"])
         for g in r["groups"]:
-            assert g["skipped"] or (g["depth"] in (2, 4) and g["tau"] in (1, 2) and g["time"] > 0)
+            assert g["skipped"] or (g["depth"] in (1, 2) and g["tau"] in (1, 2) and g["time"] > 0)
     assert all(b > a for a, b in zip([r["sim_time"] for r in records], [r["sim_time"] for r in records][1:]))
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert summary["rounds"] == ROUNDS and summary["final_accuracy"] == records[-1]["eval_accuracy"]
