@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -93,7 +94,7 @@ def summary_table(summary: dict) -> str:
         rows.append(("rounds to target", f"{summary['rounds_to_target']} (target {summary['target_accuracy']})"))
     for r in rows:
         t.add_row(*r)
-    console = Console(width=80, record=True, file=__import__("io").StringIO())
+    console = Console(width=80, record=True, file=io.StringIO())
     console.print(t)
     return console.export_text().rstrip()
 
