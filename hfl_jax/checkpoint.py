@@ -7,8 +7,11 @@ repr round-trips float64 exactly, so a resumed run is bit-identical.
 """
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -38,6 +41,84 @@ def restore(mgr: ocp.CheckpointManager, like: Any, step: int | None = None) -> t
     out = mgr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
     return step, out["trainable"], out["meta"]
+
+
+# Files of a checkpoint step that orbax writes as JSON (item metadata, array metadata, our meta item).
+_JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "metadata", "_sharding")
+
+
+def _messages(exc: BaseException) -> list[str]:
+    """The messages of ``exc`` and of every exception it was raised from, outermost first."""
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def diagnose(step_dir: Path, exc: BaseException) -> str:
+    """One line naming the file of checkpoint ``step_dir`` that made its restore fail, and why.
+
+    JSON files are checked directly; for array data the file is taken from tensorstore's
+    message (``local file "..."``, or the one data file whose size the message reports)."""
+    step_dir = Path(step_dir)
+    rel = lambda f: f.relative_to(step_dir.parent).as_posix()
+    files = sorted(f for f in step_dir.rglob("*") if f.is_file())
+    for f in files:
+        if f.name in _JSON_NAMES or f.parent.name == "array_metadatas":
+            try:
+                json.loads(f.read_bytes().decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                return f"{rel(f)} is not valid JSON ({_short(str(e), 80)}): truncated or corrupt"
+    messages = _messages(exc)
+    inner = next((m for m in reversed(messages) if len(m) < 1000), messages[-1] if messages else "")
+    named = [Path(p) for m in messages for p in re.findall(r'local file "([^"]+)"', m)]
+    named = [p for p in named if p.is_file() or not p.exists()]
+    size = re.search(r"value of size (\d+)", " ".join(messages))
+    if not named and size:
+        named = [f for f in files if f.stat().st_size == int(size.group(1))][:1]
+    where = rel(named[-1]) if named and step_dir in named[-1].parents else f"{step_dir.name}/"
+    return f"{where} is unreadable ({_short(inner)}): truncated or corrupt"
+
+
+def _move_aside(step_dir: Path) -> Path:
+    """Moves a bad checkpoint step to ``<checkpoints>.corrupt/<step>[.n]`` (kept for inspection)."""
+    dest_root = step_dir.parent.with_name(step_dir.parent.name + ".corrupt")
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest, n = dest_root / step_dir.name, 1
+    while dest.exists():
+        dest, n = dest_root / f"{step_dir.name}.{n}", n + 1
+    shutil.move(str(step_dir), str(dest))
+    return dest
+
+
+def restore_newest_good(directory: str | Path, keep: int, like: Any,
+                        report: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+    """``(step, trainable, meta)`` of the newest checkpoint in ``directory`` that restores cleanly,
+    or None when there is none. Every newer checkpoint that fails to restore is moved aside to
+    ``<directory>.corrupt/`` (never deleted) and ``report`` gets one line naming its bad file."""
+    directory = Path(directory)
+    mgr = manager(directory, keep)
+    try:
+        for step in sorted(mgr.all_steps(), reverse=True):
+            try:
+                return restore(mgr, like, step)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous one
+                why = diagnose(directory / str(step), e)
+                if jax.process_index() == 0:
+                    dest = _move_aside(directory / str(step))
+                    report(f"skipped checkpoint {step}: {why}; moved it to {dest}")
+                else:
+                    report(f"skipped checkpoint {step}: {why}")
+        return None
+    finally:
+        mgr.close()
 
 
 def to_json(x: Any) -> Any:

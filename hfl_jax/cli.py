@@ -2,77 +2,142 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 EPILOG = "Config reference: README.md (section 'Configuration') and experiments/configs/*.yaml."
 
 
-def _progress(total_rounds: int, stream=sys.stderr):
-    """A one-line progress bar on a terminal; one log line per round otherwise."""
-    tty = stream.isatty()
-    start = time.perf_counter()
+def _progress(stream=None):
+    """``progress(event, info)`` for the driver: on a terminal a rich display (set-up spinner,
+    compilation notice, round bar with ETA and the latest accuracy); elsewhere nothing
+    (metrics.jsonl has every round). Returns ``(progress, stop)``; ``progress`` is None off a terminal."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return None, lambda: None
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
+        TimeElapsedColumn, TimeRemainingColumn
 
-    def show(rec: dict) -> None:
-        acc = rec.get("eval_accuracy")
-        acc_s = f"acc {acc:.4f}" if acc is not None else "acc   -   "
-        line = (f"round {rec['round']}/{total_rounds}  {acc_s}  sim {rec['sim_time']:.1f}s  "
-                f"wall {time.perf_counter() - start:.0f}s")
-        if tty:
-            width = 20
-            done = int(width * rec["round"] / max(total_rounds, 1))
-            stream.write("\r[" + "#" * done + "." * (width - done) + "] " + line)
-            if rec["round"] >= total_rounds:
-                stream.write("\n")
-            stream.flush()
-        else:
-            logging.getLogger("hfl_jax").info(line)
-    return show
+    console = Console(file=stream)
+    logger = logging.getLogger("hfl_jax")
+    handler = RichHandler(console=console, show_time=False, show_path=False, show_level=False)
+    logger.addHandler(handler)
+    logger.propagate = False   # our lines go through rich, above the live display
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console, transient=False)
+    task = bar.add_task("set-up", total=None, acc="")
+    bar.start()
+
+    def show(event: str, info: dict) -> None:
+        if event == "setup":
+            bar.update(task, description=f"set-up: {info['what']}")
+        elif event == "round_start":
+            what = f"round {info['round']}/{info['total']}"
+            if info["compiling"]:   # the first group that draws a depth compiles it
+                what += f": compiling the group round for depth {', '.join(map(str, info['compiling']))} (first use)"
+            bar.update(task, description=what, total=info["total"], completed=info["round"] - 1)
+        elif event == "round":
+            rec = info["record"]
+            acc = rec.get("eval_accuracy")
+            bar.update(task, completed=rec["round"], description=f"round {rec['round']}/{info['total']}",
+                       acc=f"acc {acc:.4f}" if acc is not None else "")
+
+    def stop() -> None:
+        bar.stop()
+        logger.removeHandler(handler)
+        logger.propagate = True
+    return show, stop
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = 2) -> int:
     print(f"hfl-jax: error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
-def _load(args):
-    """The validated config of ``args.config`` + ``--set`` overrides, or an exit code after a one-line error."""
-    from hfl_jax.config import ConfigError, load_config
+def _load(args, out=None):
+    """The validated, preflighted config of ``args.config`` + ``--set`` overrides (and ``--out``
+    ``out``), or an exit code after a one-line error."""
+    from hfl_jax.config import ConfigError, load_config, preflight
 
     try:
-        return load_config(args.config, args.set or [])
+        cfg = load_config(args.config, args.set or [])
+        return preflight(cfg, out(cfg) if out else None)
     except ConfigError as e:
         return _fail(str(e))
+
+
+def summary_table(summary: dict) -> str:
+    """A readable end-of-run table of ``summary.json``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(k, fmt):
+        v = summary.get(k)
+        return "-" if v is None else format(v, fmt)
+    t = Table(title=f"{summary['name']} ({summary['algorithm']}, seed {summary['seed']})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows = [("rounds", f"{summary['rounds']} (stop: {summary.get('stop_reason')})"),
+            ("final accuracy", num("final_accuracy", ".4f")), ("best accuracy", num("best_accuracy", ".4f")),
+            ("final eval loss", num("final_loss", ".4f")),
+            ("simulated time", f"{summary['sim_time']:.2f} s"),
+            ("traffic up / down", f"{summary['bytes_up'] / 1e6:.2f} / {summary['bytes_down'] / 1e6:.2f} MB"),
+            ("dropped device updates", f"{summary.get('dropped_updates', 0)} of {summary.get('device_updates', 0)}"),
+            ("wall time", f"{summary['wall_time']:.1f} s (rounds {summary.get('rounds_wall_time', 0):.1f} s)")]
+    if "target_accuracy" in summary:
+        rows.append(("rounds to target", f"{summary['rounds_to_target']} (target {summary['target_accuracy']})"))
+    for r in rows:
+        t.add_row(*r)
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(t)
+    return console.export_text().rstrip()
+
+
+def _report(summary: dict, out: Path, as_json: bool) -> None:
+    print(json.dumps(summary, indent=2) if as_json else summary_table(summary))
+    print(f"done: final accuracy {summary.get('final_accuracy', float('nan')):.4f}, "
+          f"{summary.get('dropped_updates', 0)} of {summary.get('device_updates', 0)} device updates dropped "
+          f"as non-finite, {summary['wall_time']:.1f} s; run directory: {out}")
+
+
+def _train(args, fn, out: Path) -> int:
+    from hfl_jax.driver import TrainingHealthError
+
+    args.run_dir = out   # for the interrupt hint
+    progress, stop = (None, lambda: None) if args.quiet else _progress()
+    try:
+        summary = fn(progress)
+    except TrainingHealthError as e:
+        return _fail(str(e), code=1)
+    finally:
+        stop()
+    _report(summary, out, args.json)
+    return 0
 
 
 def cmd_run(args) -> int:
     from hfl_jax import driver
 
-    cfg = _load(args)
+    cfg = _load(args, out=lambda cfg: Path(args.out) if args.out else Path("runs") / cfg.name)
     if isinstance(cfg, int):
         return cfg
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    summary = driver.run(cfg, out, progress=None if args.quiet else _progress(cfg.train.rounds))
-    print(json.dumps(summary, indent=2))
-    print(f"run directory: {out}")
-    return 0
+    return _train(args, lambda progress: driver.run(cfg, out, progress=progress), out)
 
 
 def cmd_resume(args) -> int:
     from hfl_jax import driver
-    from hfl_jax.config import load_config
 
     out = Path(args.dir)
-    try:
-        rounds = load_config(out / "config.yaml").train.rounds if (out / "config.yaml").is_file() else 0
-        summary = driver.resume(out, progress=None if args.quiet else _progress(rounds))
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        return _fail(str(e))
-    print(json.dumps(summary, indent=2))
-    return 0
+    if not (out / "config.yaml").is_file():
+        return _fail(f"{out} has no config.yaml: not a hfl-jax run directory")
+    return _train(args, lambda progress: driver.resume(out, progress=progress), out)
 
 
 def cmd_report(args) -> int:
@@ -95,6 +160,8 @@ def cmd_partition(args) -> int:
     if isinstance(cfg, int):
         return cfg
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-partition"
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out: {out} is a file, not a directory")
     exp = driver.build(cfg)
     out.mkdir(parents=True, exist_ok=True)
     info = driver.write_partition(exp, out)
@@ -121,14 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.rounds=4 --set lora.targets=[query,value] "
                         "(repeatable; values are parsed as YAML)")
     r.add_argument("--out", help="run directory (default: runs/<config name>); must not hold another run")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
+    r.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
                        description="Continue the run in DIR from its last complete checkpoint; the result is "
                                    "bit-identical to an uninterrupted run.")
     s.add_argument("dir", help="run directory written by `hfl-jax run`")
-    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
+    s.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
     s.set_defaults(fn=cmd_resume)
 
     t = sub.add_parser("report", help="compare runs: table and plots",
@@ -179,11 +248,16 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        return _fail("interrupted; `hfl-jax resume DIR` continues from the last checkpoint")
+        run_dir = getattr(args, "run_dir", None)
+        hint = f"`hfl-jax resume {run_dir}` continues from the last checkpoint" if run_dir else "nothing was written"
+        return _fail(f"interrupted; {hint}", code=130)
     except Exception as e:  # one line for users; HFL_DEBUG=1 shows the traceback
         if os.environ.get("HFL_DEBUG") == "1":
             raise
+        from hfl_jax.data.tasks import DataError, DataNotFoundError
         first = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, (DataError, DataNotFoundError)):   # the message names the file and row
+            return _fail(first)
         return _fail(f"{type(e).__name__}: {first} (HFL_DEBUG=1 shows the traceback)")
 
 

@@ -7,6 +7,9 @@ naming the key (e.g. ``train.rounds``) before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -93,6 +96,9 @@ class TrainConfig:
     participation: float = 1.0          # fraction of each group's devices sampled per round
     availability: float = 1.0           # probability that a sampled device is available
     chunk_size: Optional[int] = None    # max simulated devices vmapped at once
+    # Stop with an error once this many consecutive rounds dropped every participating device's
+    # update as non-finite (a diverged run learns nothing; usually the learning rate).
+    max_nonfinite_rounds: int = 2
     shard: bool = True                  # shard the device axis over all local accelerators
     # Compute the output of the bottom L - max(arm depths) layers once per example at setup and
     # train/probe/evaluate from it. Exact while those layers' LoRA is never trained (refused when
@@ -274,7 +280,11 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
                    ("data.max_length", cfg.data.max_length), ("checkpoint.every", cfg.checkpoint.every),
                    ("checkpoint.keep", cfg.checkpoint.keep), ("algorithm.fixed_tau", a.fixed_tau)]:
         _require(v >= 1, key, f"must be >= 1, got {v}")
-    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(math.isfinite(t.lr) and t.lr > 0, "train.lr", f"must be a finite number > 0, got {t.lr}")
+    _require(t.max_nonfinite_rounds >= 1, "train.max_nonfinite_rounds", f"must be >= 1, got {t.max_nonfinite_rounds}")
+    for key, v in [("train.weight_decay", t.weight_decay), ("lora.alpha", l.alpha), ("partition.alpha", p.alpha),
+                   ("partition.beta", p.beta), ("devices.edge_cloud_bandwidth", cfg.devices.edge_cloud_bandwidth)]:
+        _require(math.isfinite(v), key, f"must be a finite number, got {v}")
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _require(t.time_budget is None or t.time_budget > 0, "train.time_budget", "must be > 0 (seconds)")
@@ -300,7 +310,12 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.num_groups <= p.num_devices, "algorithm.num_groups",
              f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")
     _require(a.lam >= 0, "algorithm.lam", "must be >= 0")
-    _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", f"must be a non-empty list of ints >= 1")
+    _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", "must be a non-empty list of ints >= 1")
+    _require(a.depths is None or len(a.depths) > 0, "algorithm.depths",
+             "the arm grid is empty; list depths (e.g. [2, 4]) or omit the key for the default 1, 2, 4, ..., L")
+    _require(a.depths is None or min(a.depths) >= 1, "algorithm.depths", f"depths must be >= 1, got {a.depths}")
+    _check_lora_targets(l.targets)
+    _check_data(cfg.data)
     _require(p.method in PARTITIONERS, "partition.method",
              f"unknown partition method {p.method!r}; one of {', '.join(PARTITIONERS)}")
     _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
@@ -333,6 +348,33 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     return cfg
 
 
+def _check_lora_targets(targets: tuple, family: str | None = None) -> None:
+    from hfl_jax.models.lora import TARGETS   # one list for every supported family
+
+    _require(len(targets) > 0, "lora.targets", f"must name at least one of {', '.join(TARGETS)}")
+    for t in targets:
+        _require(t in TARGETS, "lora.targets",
+                 f"{t!r} is not a LoRA target{' of ' + family + ' models' if family else ''}; "
+                 f"choose from {', '.join(TARGETS)}")
+    _require(len(set(targets)) == len(targets), "lora.targets", f"lists a target twice: {list(targets)}")
+
+
+def _check_data(d: DataConfig) -> None:
+    """``data.task`` and the shape of ``data.custom`` (its files are checked by :func:`preflight`)."""
+    from hfl_jax.data.tasks import TASK_NAMES, SpecError, custom_spec
+
+    _require(d.task in TASK_NAMES, "data.task", f"unknown task {d.task!r}; one of {', '.join(TASK_NAMES)}")
+    if d.task != "custom":
+        _require(d.custom is None, "data.custom", f"is only used with data.task: custom (data.task is {d.task!r})")
+        return
+    _require(d.custom is not None, "data.custom",
+             "data.task: custom needs data.custom: {train: FILE, text_a: COLUMN, label: COLUMN, ...}")
+    try:
+        custom_spec(d.custom)
+    except SpecError as e:
+        raise ConfigError(f"data.custom.{e.field}: {e.reason}") from None
+
+
 # Layer counts of common checkpoints, so configs are validated offline before any download.
 KNOWN_LAYERS = {
     "roberta-base": 12, "FacebookAI/roberta-base": 12, "roberta-large": 24, "FacebookAI/roberta-large": 24,
@@ -342,19 +384,124 @@ KNOWN_LAYERS = {
 }
 
 
-def model_num_layers(cfg: ExperimentConfig) -> int | None:
-    """Layer count from the model's config.json without loading weights (None if unreachable)."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """``name`` is ``tiny``, an alias, an existing model directory, or shaped like a hub id."""
+    from hfl_jax.models.hub import ALIASES
+
+    if name == "tiny" and key == "model.name" or name in ALIASES:
+        return
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        _require(path.is_dir(), key, f"model directory {path} does not exist"
+                 if not path.exists() else f"{path} is not a directory")
+        _require((path / "config.json").is_file(), key,
+                 f"{path} has no config.json (expected a Hugging Face model directory)")
+        return
+    _require(HUB_ID.match(name) is not None, key,
+             f"{name!r} is neither {'tiny, ' if key == 'model.name' else ''}an alias ({', '.join(ALIASES)}), "
+             f"an existing directory, nor a hub id ('name' or 'org/name')")
+
+
+def _model_json(cfg: ExperimentConfig) -> dict | None:
+    """The model's config.json without loading weights (None for ``tiny`` or when unreachable)."""
     import json
 
+    if cfg.model.name == "tiny":
+        return None
+    try:
+        from hfl_jax.models.hub import resolve_model_dir
+        return json.loads((resolve_model_dir(cfg.model.name) / "config.json").read_text())
+    except Exception:
+        return None
+
+
+def model_num_layers(cfg: ExperimentConfig) -> int | None:
+    """Layer count from the model's config.json without loading weights (None if unreachable).
+    Also checks ``model.name`` and ``lora.targets`` against the model's family."""
+    check_model_name(cfg.model.name)
     if cfg.model.name == "tiny":
         return cfg.model.tiny.num_layers
     if cfg.model.name in KNOWN_LAYERS:
         return KNOWN_LAYERS[cfg.model.name]
-    try:
-        from hfl_jax.models.hub import resolve_model_dir
-        return int(json.loads((resolve_model_dir(cfg.model.name) / "config.json").read_text())["num_hidden_layers"])
-    except Exception:
+    hf = _model_json(cfg)
+    if hf is None:
         return None
+    from hfl_jax.models.config import SUPPORTED_MODEL_TYPES
+
+    family = hf.get("model_type")
+    _require(family in SUPPORTED_MODEL_TYPES, "model.name",
+             f"{cfg.model.name}: model_type {family!r} is not supported ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    _check_lora_targets(cfg.lora.targets, family)
+    try:
+        return int(hf["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"model.name: {cfg.model.name}: config.json has no integer num_hidden_layers") from None
+
+
+def _check_out(out_dir: Path) -> None:
+    key = "--out"
+    if out_dir.exists():
+        _require(out_dir.is_dir(), key, f"{out_dir} is a file, not a directory")
+        ck = out_dir / "checkpoints"
+        _require(not (ck.is_dir() and any(ck.iterdir())), key,
+                 f"{out_dir} already holds a run; use `hfl-jax resume {out_dir}` or another --out")
+        _require(os.access(out_dir, os.W_OK), key, f"{out_dir} is not writable")
+        return
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    _require(parent.is_dir(), key, f"cannot create {out_dir}: {parent} is a file")
+    _require(os.access(parent, os.W_OK), key, f"cannot create {out_dir}: {parent} is not writable")
+
+
+def _check_profiles(cfg: ExperimentConfig) -> None:
+    from hfl_jax.fed.profiles import draw_profiles, load_profiles
+
+    d, n = cfg.devices, cfg.partition.num_devices
+    if d.profiles is None:
+        try:
+            draw_profiles(1, tiers=d.tiers, seed=0)
+        except ValueError as e:
+            raise ConfigError(f"devices.tiers: {str(e).splitlines()[0]}") from None
+        return
+    path = Path(d.profiles)
+    _require(path.is_file(), "devices.profiles", f"file {path} does not exist")
+    try:
+        profiles = load_profiles(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"devices.profiles: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                          f"offset {e.start})") from None
+    except Exception as e:  # noqa: BLE001 - yaml/csv/value errors: one line naming the file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"devices.profiles: {path}: not a valid profile file ({first})") from None
+    _require(len(profiles) == n, "devices.profiles",
+             f"{path} has {len(profiles)} profiles but partition.num_devices={n}")
+
+
+def preflight(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> ExperimentConfig:
+    """Every check that reads files but loads no data or model: ``data.custom`` files (existence,
+    encoding, columns), ``data.data_dir``, ``model.name``/``data.tokenizer`` paths, ``devices.profiles``,
+    and the run directory ``out_dir`` (``--out``). Raises :class:`ConfigError` naming the key or file."""
+    from hfl_jax.data.tasks import DataError, DataNotFoundError, check_custom_files, custom_spec
+
+    if cfg.data.data_dir is not None:
+        _require(Path(cfg.data.data_dir).is_dir(), "data.data_dir", f"directory {cfg.data.data_dir} does not exist")
+    if cfg.data.task == "custom":
+        spec = custom_spec(cfg.data.custom)
+        for split in ("train", "validation"):
+            try:
+                check_custom_files(spec, split)
+            except (DataError, DataNotFoundError) as e:
+                raise ConfigError(f"data.custom.{split}: {str(e).splitlines()[0]}") from None
+    if cfg.data.tokenizer is not None:
+        check_model_name(cfg.data.tokenizer, "data.tokenizer")
+    _check_profiles(cfg)
+    if out_dir is not None:
+        _check_out(Path(out_dir))
+    return cfg
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -364,34 +511,85 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+# Keys holding file or directory paths; relative ones are resolved against the config file's directory.
+PATH_KEYS = (("data", "data_dir"), ("devices", "profiles"), ("data", "custom", "train"),
+             ("data", "custom", "validation"))
+# Keys that are a path only when they look like one (else an alias or a hub id).
+MAYBE_PATH_KEYS = (("model", "name"), ("data", "tokenizer"))
+
+
+def _looks_like_path(value: str, base: Path) -> bool:
+    return value.startswith((".", "/", "~")) or (base / value).exists()
+
+
+def _resolve_path(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value:
+        p = Path(value).expanduser()
+        return os.path.normpath(p if p.is_absolute() else (base / p).absolute())
+    if isinstance(value, list):
+        return [_resolve_path(v, base) for v in value]
+    return value
+
+
+def resolve_paths(raw: dict, base: Path) -> dict:
+    """A copy of config dict ``raw`` with its relative paths (:data:`PATH_KEYS`, and
+    :data:`MAYBE_PATH_KEYS` when they look like a path) made absolute against ``base``."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for keys, always in [(k, True) for k in PATH_KEYS] + [(k, False) for k in MAYBE_PATH_KEYS]:
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or node.get(keys[-1]) is None:
+            continue
+        value = node[keys[-1]]
+        if always or (isinstance(value, str) and _looks_like_path(value, base)):
+            node[keys[-1]] = _resolve_path(value, base)
+    return raw
+
+
+def read_yaml(path: str | Path, _seen: tuple = (), resolve: bool = True) -> dict:
     """A config file as a dict. A top-level ``base: other.yaml`` (relative to this file) is loaded
-    first and this file's keys are deep-merged over it."""
+    first and this file's keys are deep-merged over it. With ``resolve``, relative paths in each
+    file (:data:`PATH_KEYS`) are resolved against that file's directory, as ``base`` is."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: circular 'base'")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("base", None)
+    if resolve:
+        raw = resolve_paths(raw, path.parent)
     if base is None:
         return raw
-    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base file {path.parent / base} does not exist")
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),), resolve), raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,
-                check_model: bool = True) -> ExperimentConfig:
-    """YAML file (and/or dict) + dotted overrides -> validated :class:`ExperimentConfig`."""
+                check_model: bool = True, paths_from_file: bool = True) -> ExperimentConfig:
+    """YAML file (and/or dict) + dotted overrides -> validated :class:`ExperimentConfig`.
+
+    Relative paths in the file resolve against the file's directory (``paths_from_file=False``:
+    against the working directory, as run directories written before this rule need); those in
+    ``data`` and ``overrides`` against the working directory. The result holds absolute paths."""
     raw: dict = {}
     if path is not None:
-        raw = read_yaml(path)
+        raw = read_yaml(path, resolve=paths_from_file)
     if data:
         raw = {**raw, **data}
-    raw = apply_overrides(raw, list(overrides))
+    raw = resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
     cfg = from_dict(ExperimentConfig, raw)
     return validate(cfg, model_num_layers(cfg) if check_model else None)

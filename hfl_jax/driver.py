@@ -300,12 +300,58 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+class TrainingHealthError(RuntimeError):
+    """Training cannot make progress (e.g. every device's update non-finite, round after round)."""
+
+
+def round_health(record: dict) -> tuple[int, int]:
+    """``(participating devices, devices dropped as non-finite)`` of one round's record."""
+    participants = sum(g["participants"] for g in record["groups"] if not g.get("skipped"))
+    return participants, len(record["dropped_devices"])
+
+
+def nonfinite_streak(history: list) -> int:
+    """How many of the last rounds in ``history`` dropped every participating device."""
+    n = 0
+    for rec in reversed(history):
+        participants, dropped = round_health(rec)
+        if not (participants > 0 and dropped >= participants):
+            break
+        n += 1
+    return n
+
+
+def check_health(history: list, cfg: ExperimentConfig) -> None:
+    """Raises :class:`TrainingHealthError` once ``train.max_nonfinite_rounds`` consecutive rounds
+    dropped every participating device's update as non-finite (nothing was learnt in them)."""
+    limit, streak = cfg.train.max_nonfinite_rounds, nonfinite_streak(history)
+    if streak < limit:
+        return
+    last = history[-1]["round"]
+    participants, _ = round_health(history[-1])
+    raise TrainingHealthError(
+        f"rounds {last - streak + 1}-{last}: every participating device's update was non-finite "
+        f"({participants} of {participants} dropped in round {last}) for {streak} consecutive rounds "
+        f"(train.max_nonfinite_rounds={limit}); the learning rate is likely too high (train.lr={cfg.train.lr:g}) "
+        f"or the data holds extreme values: lower train.lr or check the data")
+
+
+def _notify(progress: Callable | None, event: str, **info) -> None:
+    if progress is not None:
+        progress(event, info)
+
+
 def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
-               progress: Callable[[dict], None] | None = None) -> dict:
+               progress: Callable[[str, dict], None] | None = None, started: float | None = None) -> dict:
     """Runs rounds from ``state`` until a stop condition; writes metrics.jsonl, checkpoints, summary.json.
 
     The global model is evaluated every ``train.eval_every`` rounds and always at the last round.
-    A resumed run that had already stopped does no further round.
+    A resumed run that had already stopped does no further round. ``progress(event, info)`` is told
+    ``"round_start"`` (``round``, ``compiling``: arm depths this process has not run yet, so
+    compiled during the round) and ``"round"`` (``record``). Raises :class:`TrainingHealthError`
+    when rounds stop producing finite updates (``train.max_nonfinite_rounds``).
+    ``started`` (``time.perf_counter()`` at the command's start) makes the summary's ``wall_time``
+    cover set-up too.
     """
     cfg, env = exp.cfg, exp.env
     t = cfg.train
@@ -316,9 +362,13 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
     if main:
         _write_jsonl(metrics_path, history)   # drop lines past the checkpoint we resumed from
     writer = _tensorboard(out_dir) if (cfg.tensorboard and main) else None
+    compiled: set = set()
     while stop_reason(history, state, t) is None:
+        _notify(progress, "round_start", round=state.round + 1, total=t.rounds,
+                compiling=sorted({int(d) for d in exp.algorithm.depths} - compiled))
         start = time.perf_counter()
         state, record = next_round(exp, state)
+        compiled |= {g["depth"] for g in record["groups"] if not g.get("skipped")}
         if state.round % t.eval_every == 0 or stop_reason(history, state, t) is not None:
             loss, acc = evaluate(state.trainable, env.base, exp.eval_data)
             record["eval_loss"], record["eval_accuracy"] = float(loss), float(acc)
@@ -330,25 +380,33 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
         _fault_point(state.round)
         if writer is not None:
             writer(record)
+        check_health(history, cfg)   # before the checkpoint: a resume redoes the failed rounds
         done = stop_reason(history, state, t) is not None
         if state.round % cfg.checkpoint.every == 0 or done:
             ckpt.save(mgr, state.round, _arrays(state), _meta(state, history, env.assignment))
-        if progress is not None:
-            progress(record)
+        _notify(progress, "round", record=record, total=t.rounds)
     summary = summarize(history, cfg)
     summary["stop_reason"] = stop_reason(history, state, t)
+    if started is not None:
+        summary["wall_time"] = time.perf_counter() - started
     if main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def summarize(history: list, cfg: ExperimentConfig) -> dict:
+    """The run's summary.json from its round records. ``wall_time`` here is the rounds' own wall
+    time (``rounds_wall_time``); :func:`run` and :func:`resume` replace it by the whole command's."""
     evals = [h for h in history if "eval_accuracy" in h]
+    health = [round_health(h) for h in history]
+    rounds_wall = float(sum(h.get("wall_time", 0.0) for h in history))
     out = {"name": cfg.name, "algorithm": cfg.algorithm.name, "seed": cfg.seed, "rounds": len(history),
            "sim_time": history[-1]["sim_time"] if history else 0.0,
            "bytes_up": float(sum(h["bytes_up"] for h in history)),
            "bytes_down": float(sum(h["bytes_down"] for h in history)),
-           "wall_time": float(sum(h.get("wall_time", 0.0) for h in history))}
+           "device_updates": int(sum(p for p, _ in health)),
+           "dropped_updates": int(sum(d for _, d in health)),
+           "wall_time": rounds_wall, "rounds_wall_time": rounds_wall}
     if evals:
         out["final_accuracy"] = evals[-1]["eval_accuracy"]
         out["best_accuracy"] = max(h["eval_accuracy"] for h in evals)
@@ -385,36 +443,55 @@ def save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _finish(out_dir: Path, summary: dict, started: float) -> dict:
+    """Plots, then ``wall_time`` = the whole command (set-up, compilation, rounds, plots)."""
+    if is_main_process():
+        write_plots(out_dir)
+        summary["wall_time"] = time.perf_counter() - started
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None) -> dict:
-    """Starts a run in ``out_dir`` (created; must not hold another run's checkpoints)."""
+    """Starts a run in ``out_dir`` (created; must not hold another run's checkpoints).
+
+    Every config check (:func:`hfl_jax.config.preflight`) runs before any data or model is
+    loaded; ``progress(event, info)`` is told ``"setup"`` and then what :func:`train_loop` tells."""
+    from hfl_jax.config import preflight
+
+    started = time.perf_counter()
     out_dir = Path(out_dir)
-    if (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
-        raise FileExistsError(f"{out_dir} already holds a run; use `hfl-jax resume {out_dir}` or another --out")
+    preflight(cfg, out_dir)
+    _notify(progress, "setup", what="loading data and model, partitioning devices, grouping")
     exp = build(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, out_dir)
         write_partition(exp, out_dir)
-    summary = train_loop(exp, out_dir, exp.initial, [], progress)
-    if is_main_process():
-        write_plots(out_dir)
-    return summary
+    summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
+    return _finish(out_dir, summary, started)
 
 
 def resume(out_dir: str | Path, progress=None) -> dict:
-    """Continues the run in ``out_dir`` from its last complete checkpoint (bit-identical to an
-    uninterrupted run, wall times aside)."""
+    """Continues the run in ``out_dir`` from its newest checkpoint that restores cleanly
+    (bit-identical to an uninterrupted run, wall times aside). Newer checkpoints that fail to
+    restore are moved aside to ``checkpoints.corrupt/`` with a one-line warning naming the bad
+    file; with no usable checkpoint the run restarts from round 0, and says so."""
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     cfg_path = out_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{out_dir} has no config.yaml: not a hfl-jax run directory")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, paths_from_file=False)   # written with absolute paths (older runs: cwd-relative)
+    _notify(progress, "setup", what="loading data and model, partitioning devices, grouping")
     exp = build(cfg)
-    mgr = ckpt.manager(out_dir / "checkpoints", cfg.checkpoint.keep)
-    if mgr.latest_step() is None:
+    found = ckpt.restore_newest_good(out_dir / "checkpoints", cfg.checkpoint.keep, _arrays(exp.initial),
+                                     report=log.warning)
+    if found is None:
+        log.warning("no usable checkpoint in %s: starting from round 0", out_dir / "checkpoints")
         state, history = exp.initial, []
     else:
-        _, arrays, meta = ckpt.restore(mgr, _arrays(exp.initial))
+        step, arrays, meta = found
         if not np.array_equal(np.asarray(meta["assignment"]), exp.env.assignment):
             raise RuntimeError("the groups rebuilt from the config differ from the checkpoint's")
         state = _state_from(meta, arrays, exp.initial, exp.env.axis)
@@ -423,10 +500,9 @@ def resume(out_dir: str | Path, progress=None) -> dict:
             from hfl_jax.fed.frozen_cache import check_untouched
             check_untouched(arrays["trainable"]["lora"], cached)
         history = meta["history"]
-    summary = train_loop(exp, out_dir, state, history, progress)
-    if is_main_process():
-        write_plots(out_dir)
-    return summary
+        log.info("resuming %s from checkpoint %d", out_dir, step)
+    summary = train_loop(exp, out_dir, state, history, progress, started)
+    return _finish(out_dir, summary, started)
 
 
 def write_partition(exp: Experiment, out_dir: Path) -> dict:

@@ -14,7 +14,7 @@ from hfl_jax.driver import build, next_round
 from hfl_jax.fed.aggregate import pad_rank, rank_padded_mean, truncate_rank
 from hfl_jax.models import LoRA
 
-SMOKE = "experiments/configs/smoke.yaml"
+SMOKE = "tests/configs/tiny_v1.yaml"   # the pre-issue-15 smoke setting
 
 
 def _rounds(exp, n):

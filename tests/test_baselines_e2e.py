@@ -11,7 +11,7 @@ from hfl_jax import cli
 from hfl_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
+SMOKE = ROOT / "tests" / "configs" / "tiny_v1.yaml"   # the pre-issue-15 smoke setting (4 layers, q/v)
 NEW = ["ffa_lora", "fedsa_lora", "flexlora"]
 SETTINGS = ["lora.rank=4", "algorithm.flexlora.ranks=[1,2,4]", "train.rounds=3", "checkpoint.every=1"]
 

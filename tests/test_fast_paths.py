@@ -104,7 +104,7 @@ def test_group_round_probe_and_eval_from_cached_layers_equal_full_forward():
         check_untouched(plain["lora"], 2)   # depth-2 training moved layer 1's B
 
 
-SMOKE = "experiments/configs/smoke.yaml"
+SMOKE = "tests/configs/tiny_v1.yaml"   # the pre-issue-15 smoke setting
 
 
 def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):

@@ -161,7 +161,7 @@ def smoke_run(tmp_path_factory):
     from hfl_jax.config import load_config
 
     out = tmp_path_factory.mktemp("smoke") / "run"
-    driver.run(load_config(Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml",
+    driver.run(load_config(Path(__file__).resolve().parents[1] / "tests/configs/tiny_v1.yaml",
                            overrides=["train.rounds=2"]), out)
     return out
 

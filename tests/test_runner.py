@@ -10,18 +10,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "configs" / "smoke.yaml"
+ROUNDS = 15   # smoke.yaml's train.rounds
 
 
-def hfl(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "hfl_jax", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+def hfl(*args, env=None, timeout=600, cwd=ROOT):
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.run([sys.executable, "-m", "hfl_jax", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The README's smoke command, run from another working directory (config-relative data paths)."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    r = hfl("run", SMOKE, "--out", out, "--quiet")
+    r = hfl("run", SMOKE, "--out", out, "--quiet", cwd=elsewhere)
     assert r.returncode == 0, r.stderr
+    assert "done: final accuracy" in r.stdout and "dropped" in r.stdout
     return out
 
 
@@ -41,17 +47,90 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "partition.png", "partition.json"):
         assert (smoke_run / name).is_file(), name
     records = _records(smoke_run)
-    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
     for r in records:
         assert r["sim_time"] > 0 and r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert 0 <= r["eval_accuracy"] <= 1 and np.isfinite(r["eval_loss"])
         for g in r["groups"]:
-            assert g["skipped"] or (g["depth"] in (2, 4) and g["tau"] in (1, 2) and g["time"] > 0)
+            assert g["skipped"] or (g["depth"] in (1, 2) and g["tau"] in (1, 2) and g["time"] > 0)
     assert all(b > a for a, b in zip([r["sim_time"] for r in records], [r["sim_time"] for r in records][1:]))
     summary = json.loads((smoke_run / "summary.json").read_text())
-    assert summary["rounds"] == 4 and summary["final_accuracy"] == records[-1]["eval_accuracy"]
+    assert summary["rounds"] == ROUNDS and summary["final_accuracy"] == records[-1]["eval_accuracy"]
+    assert summary["dropped_updates"] == 0 and summary["device_updates"] == 8 * ROUNDS
+    assert summary["wall_time"] > summary["rounds_wall_time"] > 0   # the whole command, set-up included
     steps = sorted(int(p.name) for p in (smoke_run / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [3, 4]   # keep: 2
+    assert steps == [ROUNDS - 1, ROUNDS]   # keep: 2
+
+
+def test_smoke_run_learns(smoke_run):
+    """The first run shows learning: accuracy clearly above always predicting the eval set's majority class."""
+    import csv
+    rows = list(csv.DictReader(open(ROOT / "experiments" / "data" / "tiny_sentiment_validation.csv")))
+    majority = max(sum(r["sentiment"] == c for r in rows) for c in {r["sentiment"] for r in rows}) / len(rows)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["final_accuracy"] >= majority + 0.15, (summary["final_accuracy"], majority)
+
+
+def _assert_same_run(reference, run_dir):
+    """Same metrics (wall times aside) and bit-identical final adapters."""
+    strip = lambda recs: [{k: v for k, v in rec.items() if k != "wall_time"} for rec in recs]
+    assert strip(_records(run_dir)) == strip(_records(reference))
+    import jax
+    (s1, a), (s2, b) = _final_adapters(reference), _final_adapters(run_dir)
+    assert s1 == s2 == ROUNDS
+    la, lb = jax.tree_util.tree_leaves_with_path(a["trainable"]), jax.tree_util.tree_leaves_with_path(b["trainable"])
+    assert len(la) == len(lb) > 0
+    for (pa, xa), (pb, xb) in zip(la, lb):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
+
+
+def _largest(files):
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+# One file of each kind in the latest checkpoint: array data, the OCDBT manifest, our meta JSON,
+# orbax's tree metadata JSON.
+CORRUPTIONS = {
+    "array_data": lambda step: _largest(list((step / "trainable").glob("ocdbt.process_*/d/*"))),
+    "manifest": lambda step: step / "trainable" / "manifest.ocdbt",
+    "meta_json": lambda step: step / "meta" / "metadata",
+    "tree_metadata_json": lambda step: step / "trainable" / "_METADATA",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_path, kind):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    bad = CORRUPTIONS[kind](run / "checkpoints" / str(ROUNDS))
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])   # truncated, as by a full disk
+    r = hfl("resume", run, "--quiet")
+    assert r.returncode == 0, r.stderr
+    skipped = [line for line in r.stderr.splitlines() if line.startswith(f"skipped checkpoint {ROUNDS}")]
+    assert len(skipped) == 1 and bad.name in skipped[0], r.stderr   # one line naming the file
+    moved = run / "checkpoints.corrupt" / str(ROUNDS)
+    assert moved.is_dir() and (moved / bad.relative_to(run / "checkpoints" / str(ROUNDS))).is_file()
+    _assert_same_run(smoke_run, run)
+
+
+def test_resume_without_checkpoint_says_it_starts_from_round_0(smoke_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    shutil.rmtree(run / "checkpoints")
+    r = hfl("resume", run, "--quiet", env={"HFL_FAULT_KILL_ROUND": "1"})   # one round is enough
+    assert "no usable checkpoint" in r.stderr and "starting from round 0" in r.stderr, r.stderr
+
+
+def test_diverging_run_stops_with_one_line_naming_the_learning_rate(tmp_path):
+    out = tmp_path / "diverged"
+    r = hfl("run", SMOKE, "--set", "train.lr=1e30", "--set", "train.rounds=3", "--out", out, "--quiet")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("hfl-jax")]
+    assert len(lines) == 1 and "non-finite" in lines[0] and "train.lr" in lines[0], r.stderr
+    assert len(_records(out)) == 2   # train.max_nonfinite_rounds: 2
 
 
 def test_killed_run_resumes_bit_identically(smoke_run, tmp_path):
@@ -62,16 +141,7 @@ def test_killed_run_resumes_bit_identically(smoke_run, tmp_path):
     assert len(_records(out)) == 3
     r = hfl("resume", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    strip = lambda recs: [{k: v for k, v in rec.items() if k != "wall_time"} for rec in recs]
-    assert strip(_records(out)) == strip(_records(smoke_run))
-    import jax
-    (s1, a), (s2, b) = _final_adapters(smoke_run), _final_adapters(out)
-    assert s1 == s2 == 4
-    la, lb = jax.tree_util.tree_leaves_with_path(a["trainable"]), jax.tree_util.tree_leaves_with_path(b["trainable"])
-    assert len(la) == len(lb) > 0
-    for (pa, xa), (pb, xb) in zip(la, lb):
-        assert pa == pb
-        np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
+    _assert_same_run(smoke_run, out)
 
 
 @pytest.mark.parametrize("override, key", [

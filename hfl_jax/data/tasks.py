@@ -43,6 +43,14 @@ class DataNotFoundError(FileNotFoundError):
     """A data file or a whole task could not be found in any source."""
 
 
+class SpecError(DataError):
+    """A malformed custom dataset spec; ``field`` names the offending key."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """How a GLUE task is laid out on disk and on the hub.
@@ -136,6 +144,9 @@ class CustomSpec:
         inferred from the *training* split (sorted unique values; integer labels keep
         their numeric order) so that every split uses the same ids.
       format: 'csv', 'tsv', 'jsonl' or 'parquet'; None infers it from the file suffix.
+      encoding: text encoding of CSV/TSV/JSONL files (any Python codec name, e.g. 'latin-1').
+      drop_missing_labels: drop rows whose label looks missing (empty, NaN, None, null, NA)
+        instead of raising `DataError` naming the first such row.
     """
 
     train: str | Sequence[str]
@@ -145,6 +156,101 @@ class CustomSpec:
     text_b: str | None = None
     label_names: tuple[str, ...] | None = None
     format: str | None = None
+    encoding: str = "utf-8"
+    drop_missing_labels: bool = False
+
+
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
+# Label values read as "missing" (compared after strip, case-insensitively).
+MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a")
+
+
+def custom_spec(fields: CustomSpec | Mapping[str, object]) -> CustomSpec:
+    """A checked `CustomSpec` from a mapping of its fields (the config's ``data.custom``).
+
+    Raises `SpecError` naming the field: unknown or missing key, wrong type, unknown format
+    or encoding."""
+    import codecs
+
+    if isinstance(fields, CustomSpec):
+        return fields
+    if not isinstance(fields, Mapping):
+        raise SpecError("custom", f"expected a mapping, got {type(fields).__name__}")
+    known = [f.name for f in dataclasses.fields(CustomSpec)]
+    for k in fields:
+        if k not in known:
+            raise SpecError(str(k), f"unknown key (known: {', '.join(known)})")
+    for k in ("train", "text_a", "label"):
+        if fields.get(k) is None:
+            raise SpecError(k, "required")
+    for k in ("train", "validation"):
+        v = fields.get(k)
+        ok = v is None or (isinstance(v, str) and v) or (
+            isinstance(v, (list, tuple)) and v and all(isinstance(x, str) and x for x in v))
+        if not ok:
+            raise SpecError(k, f"expected a file path or a non-empty list of paths, got {v!r}")
+    for k in ("text_a", "label", "text_b", "format", "encoding"):
+        v = fields.get(k)
+        if v is not None and not (isinstance(v, str) and v.strip()):
+            raise SpecError(k, f"expected a non-empty string, got {v!r}")
+    if fields.get("format") is not None and fields["format"].lower() not in FORMATS:
+        raise SpecError("format", f"unknown format {fields['format']!r}; one of csv, tsv, jsonl, parquet")
+    if fields.get("encoding") is not None:
+        try:
+            codecs.lookup(fields["encoding"])
+        except LookupError:
+            raise SpecError("encoding", f"unknown text encoding {fields['encoding']!r} (e.g. utf-8, latin-1)") from None
+    if not isinstance(fields.get("drop_missing_labels", False), bool):
+        raise SpecError("drop_missing_labels", f"expected true/false, got {fields['drop_missing_labels']!r}")
+    names = fields.get("label_names")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(
+                isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
+            raise SpecError("label_names", f"expected a list of at least 2 names, got {names!r}")
+        if len({str(n) for n in names}) != len(names):
+            raise SpecError("label_names", f"lists a name twice: {list(names)}")
+        fields = {**fields, "label_names": tuple(str(n) for n in names)}
+    return CustomSpec(**dict(fields))
+
+
+def check_custom_files(spec: CustomSpec, split: str) -> None:
+    """Without parsing rows: every file of ``split`` exists, has a known format, decodes with
+    ``spec.encoding`` and has the spec's columns. Raises `DataError` naming the file."""
+    files = spec.train if split == "train" else spec.validation
+    if files is None:
+        raise DataError(f"required: the {split} split's file(s)")
+    needed = [spec.text_a] + ([spec.text_b] if spec.text_b else []) + [spec.label]
+    for path in _paths(files):
+        if not path.is_file():
+            raise DataNotFoundError(f"file {path} does not exist")
+        fmt = (spec.format or _infer_format(path)).lower()
+        if fmt == "parquet":
+            continue
+        text = _decode(path, spec.encoding)
+        first = next((line for line in text.splitlines() if line.strip()), None)
+        if first is None:
+            raise DataError(f"{path} is empty")
+        if fmt in ("csv", "tsv"):
+            header = next(csv.reader([first], delimiter="," if fmt == "csv" else "\t"))
+        else:
+            try:
+                header = list(json.loads(first))
+            except (ValueError, TypeError) as e:
+                raise DataError(f"{path}:1: not valid JSON Lines ({e})") from None
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; available columns: {header}")
+
+
+def _decode(path: Path, encoding: str) -> str:
+    """The text of ``path``; an undecodable byte raises `DataError` naming the file and encoding."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: byte {data[e.start]:#04x} at line {line} (offset {e.start}) is not valid "
+                        f"{encoding}; set data.custom.encoding to the file's encoding (e.g. latin-1)") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,11 +297,13 @@ class TextDataset:
 # ----------------------------------------------------------------------------- labels
 
 
-def encode_labels(raw: Sequence[object], label_names: tuple[str, ...], where: str) -> np.ndarray:
+def encode_labels(raw: Sequence[object], label_names: tuple[str, ...], where: str,
+                  set_name: str = "the declared label set", origins: Sequence[str] | None = None) -> np.ndarray:
     """Map raw labels (names or integer ids) to int64 ids [N] against a declared label set.
 
     A raw value equal to a name gets that name's index; an integer (or integer-looking
-    string) must lie in [0, len(label_names)). Anything else raises `DataError`.
+    string) must lie in [0, len(label_names)). Anything else raises `DataError` naming the row
+    (``origins[i]`` when given, else ``where`` and the 0-based row index).
     """
     index = {name: i for i, name in enumerate(label_names)}
     out = np.empty(len(raw), dtype=np.int64)
@@ -207,9 +315,8 @@ def encode_labels(raw: Sequence[object], label_names: tuple[str, ...], where: st
             continue
         iv = _as_int(v)
         if iv is None or not 0 <= iv < k:
-            raise DataError(
-                f"{where}: row {i} has label {v!r}, outside the declared label set "
-                f"{list(label_names)} (ids 0..{k - 1})")
+            row = origins[i] if origins is not None else f"{where}: row {i}"
+            raise DataError(f"{row} has label {v!r}, outside {set_name} {list(label_names)} (ids 0..{k - 1})")
         out[i] = iv
     return out
 
@@ -279,18 +386,20 @@ def _read_glue_tsv(path: Path, columns: Sequence[str]) -> tuple[dict[str, list[s
     return out, skipped
 
 
-def _read_table(path: Path, fmt: str | None) -> list[dict[str, object]]:
+def _read_table(path: Path, fmt: str | None, encoding: str = "utf-8") -> list[dict[str, object]]:
     """Read a CSV / TSV / JSON Lines / Parquet file into a list of row dicts."""
+    import io
+
     if not path.is_file():
         raise DataNotFoundError(f"custom dataset file not found: {path}")
     fmt = (fmt or _infer_format(path)).lower()
     if fmt in ("csv", "tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(path, encoding="utf-8", newline="") as f:
+        with io.StringIO(_decode(path, encoding), newline="") as f:
             return list(csv.DictReader(f, delimiter="," if fmt == "csv" else "\t"))
     if fmt in ("jsonl", "json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with io.StringIO(_decode(path, encoding)) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -343,7 +452,10 @@ def load_task(task: str, split: str, data_dir: str | os.PathLike | None = None,
     if task == "custom":
         if custom is None:
             raise DataError("task 'custom' needs `custom=CustomSpec(train=..., text_a=..., label=...)`")
-        spec = custom if isinstance(custom, CustomSpec) else CustomSpec(**dict(custom))
+        try:
+            spec = custom_spec(custom)
+        except SpecError as e:
+            raise DataError(f"custom dataset spec: {e}") from None
         return _load_custom(spec, split)
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose from {list(TASK_NAMES)}")
@@ -390,6 +502,8 @@ def _load_glue_file(spec: TaskSpec, split: str, path: Path, source: str) -> Text
     if not table[spec.label]:
         raise DataError(f"{path}: dataset is empty (no rows after the header)")
     labels = encode_labels(table[spec.label], spec.label_names, str(path))
+    if split == "train":
+        check_classes(labels, spec.label_names, str(path))
     return TextDataset(text_a=table[spec.text_a],
                        text_b=table[spec.text_b] if spec.text_b else None,
                        labels=labels, label_names=spec.label_names, source=source,
@@ -418,14 +532,17 @@ def _paths(p: str | Sequence[str]) -> list[Path]:
     return [Path(p).expanduser()] if isinstance(p, (str, os.PathLike)) else [Path(x).expanduser() for x in p]
 
 
-def _read_custom_rows(spec: CustomSpec, split: str) -> tuple[list[dict[str, object]], str]:
+def _read_custom_rows(spec: CustomSpec, split: str) -> tuple[list[dict[str, object]], str, list[str]]:
+    """Rows of ``split`` (all files concatenated), where they came from, and each row's origin
+    (``FILE row N``, N = 1 for the first data row)."""
     files = spec.train if split == "train" else spec.validation
     if files is None:
         raise DataError(f"custom dataset has no {split!r} split (CustomSpec.validation is None)")
     rows: list[dict[str, object]] = []
+    origins: list[str] = []
     paths = _paths(files)
     for path in paths:
-        part = _read_table(path, spec.format)
+        part = _read_table(path, spec.format, spec.encoding)
         if not part:
             raise DataError(f"custom dataset file {path} is empty (no rows)")
         needed = [spec.text_a] + ([spec.text_b] if spec.text_b else []) + [spec.label]
@@ -433,40 +550,76 @@ def _read_custom_rows(spec: CustomSpec, split: str) -> tuple[list[dict[str, obje
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; available columns: {list(part[0])}")
         rows.extend(part)
-    return rows, ", ".join(str(p) for p in paths)
+        origins.extend(f"{path} row {n}" for n in range(1, len(part) + 1))
+    return rows, ", ".join(str(p) for p in paths), origins
+
+
+def looks_missing(v: object) -> bool:
+    """True for label values that mean "no label": None, NaN, and strings in `MISSING_LABELS`."""
+    if v is None:
+        return True
+    if isinstance(v, (float, np.floating)):
+        return bool(np.isnan(v))
+    return isinstance(v, str) and v.strip().lower() in MISSING_LABELS
+
+
+def _labelled_rows(spec: CustomSpec, split: str) -> tuple[list[dict[str, object]], str, list[str]]:
+    """`_read_custom_rows` with missing-looking labels rejected (the first one named), or dropped
+    when ``spec.drop_missing_labels``."""
+    rows, where, origins = _read_custom_rows(spec, split)
+    missing = [i for i, r in enumerate(rows) if looks_missing(r.get(spec.label))]
+    if missing and not spec.drop_missing_labels:
+        i = missing[0]
+        raise DataError(f"{origins[i]}: label {rows[i].get(spec.label)!r} in column {spec.label!r} looks missing "
+                        f"({len(missing)} such row(s)); fix the data or set data.custom.drop_missing_labels: true")
+    if missing:
+        log.warning("custom dataset %s (%s): dropped %d row(s) with a missing label", where, split, len(missing))
+        keep = sorted(set(range(len(rows))) - set(missing))
+        rows, origins = [rows[i] for i in keep], [origins[i] for i in keep]
+        if not rows:
+            raise DataError(f"custom dataset {where}: every row's label is missing")
+    return rows, where, origins
+
+
+def check_classes(labels: np.ndarray, label_names: Sequence[str], where: str) -> None:
+    """Training data must hold at least two classes (else accuracy and loss mean nothing)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(label_names))
+    present = {str(n): int(c) for n, c in zip(label_names, counts) if c > 0}
+    if len(present) < 2:
+        raise DataError(f"{where}: the training data holds {len(present)} class(es) "
+                        f"({', '.join(f'{n!r}: {c} rows' for n, c in present.items()) or 'no rows'}); "
+                        "classification needs at least 2")
 
 
 def _load_custom(spec: CustomSpec, split: str) -> TextDataset:
     split = _canonical_split("custom", split, ["train", "validation"])
-    rows, where = _read_custom_rows(spec, split)
+    rows, where, origins = _labelled_rows(spec, split)
 
     def text(r: dict[str, object], c: str, i: int) -> str:
         v = r.get(c)
         if v is None:
-            raise DataError(f"custom dataset {where}: row {i} has no value in column {c!r}")
+            raise DataError(f"{origins[i]}: no value in column {c!r}")
         return str(v).strip()
 
     raw = [r.get(spec.label) for r in rows]
     if spec.label_names is not None:
-        names = tuple(str(n) for n in spec.label_names)
-    elif split == "train":
-        names = infer_label_names(raw)
+        names, set_name = tuple(str(n) for n in spec.label_names), "the declared label set (label_names)"
     else:  # ids must match the training split's
-        names = infer_label_names([r.get(spec.label) for r in _read_custom_rows(spec, "train")[0]])
-    if any(v is None or (isinstance(v, str) and not v.strip()) for v in raw):
-        i = next(i for i, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip()))
-        raise DataError(f"custom dataset {where}: row {i} has an empty label in column {spec.label!r}")
+        train_raw = raw if split == "train" else [r.get(spec.label) for r in _labelled_rows(spec, "train")[0]]
+        names, set_name = infer_label_names(train_raw), "the training split's label set"
     if spec.label_names is None and all(_as_int(v) is not None for v in raw) \
             and all(n.lstrip("+-").isdigit() for n in names):
         # inferred integer label set: map each integer to its rank in the set
         rank = {int(n): i for i, n in enumerate(names)}
-        bad = [v for v in raw if _as_int(v) not in rank]
+        bad = [i for i, v in enumerate(raw) if _as_int(v) not in rank]
         if bad:
-            raise DataError(f"custom dataset {where}: label {bad[0]!r} is not in the training label set {list(names)}")
+            raise DataError(f"{origins[bad[0]]}: label {raw[bad[0]]!r} is not in {set_name} {list(names)}")
         labels = np.array([rank[_as_int(v)] for v in raw], dtype=np.int64)
     else:
         labels = encode_labels([str(v).strip() for v in raw] if spec.label_names is None else raw,
-                               names, f"custom dataset {where}")
+                               names, f"custom dataset {where}", set_name=set_name, origins=origins)
+    if split == "train":
+        check_classes(labels, names, f"custom dataset {where}")
     log.info("custom dataset %s (%s): %d rows, label set %s", where, split, len(rows), list(names))
     return TextDataset(
         text_a=[text(r, spec.text_a, i) for i, r in enumerate(rows)],
