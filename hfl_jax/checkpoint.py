@@ -40,6 +40,7 @@ def restore(mgr: ocp.CheckpointManager, like: Any, step: int | None = None) -> t
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = mgr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
+    jax.block_until_ready(out["trainable"])   # a bad array file fails here, not later in the run
     return step, out["trainable"], out["meta"]
 
 

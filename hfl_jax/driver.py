@@ -235,10 +235,11 @@ def build(cfg: ExperimentConfig) -> Experiment:
 
 # --- state <-> checkpoint ----------------------------------------------------------------------------
 
-def _arrays(state: AlgoState) -> dict:
-    """The state's accelerator arrays (orbax): the global model and the algorithm's device tree."""
-    return {"trainable": state.trainable} if state.device is None else \
-        {"trainable": state.trainable, "device": state.device}
+def _arrays(state: AlgoState) -> Any:
+    """The state's accelerator arrays (orbax): the global model, plus the algorithm's device tree when it
+    has one (then ``{"trainable", "device"}``; without one the layout of earlier versions, so their
+    runs still resume)."""
+    return state.trainable if state.device is None else {"trainable": state.trainable, "device": state.device}
 
 
 def _meta(state: AlgoState, history: list, assignment: np.ndarray) -> dict:
@@ -257,10 +258,11 @@ def _state_from(meta: dict, arrays: dict, like: AlgoState, axis: DeviceAxis) -> 
                            f"{len(leaves)} are expected: was it written by another algorithm or version?")
     host = jax.tree.unflatten(treedef, [np.asarray(v, np.asarray(x).dtype).reshape(np.shape(x))
                                         for v, x in zip(saved, leaves)])
-    return AlgoState(round=int(meta["round"]), trainable=axis.replicate(arrays["trainable"]),
+    trainable, device = (arrays, None) if like.device is None else (arrays["trainable"], arrays["device"])
+    return AlgoState(round=int(meta["round"]), trainable=axis.replicate(trainable),
                      sim_time=float(meta["sim_time"]), bytes_up=float(meta["bytes_up"]),
                      bytes_down=float(meta["bytes_down"]), host=host,
-                     device=axis.put(arrays["device"]) if "device" in arrays else None)
+                     device=None if device is None else axis.put(device))
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -498,7 +500,7 @@ def resume(out_dir: str | Path, progress=None) -> dict:
         cached = exp.eval_data.hidden_layer
         if cached:
             from hfl_jax.fed.frozen_cache import check_untouched
-            check_untouched(arrays["trainable"]["lora"], cached)
+            check_untouched(state.trainable["lora"], cached)
         history = meta["history"]
         log.info("resuming %s from checkpoint %d", out_dir, step)
     summary = train_loop(exp, out_dir, state, history, progress, started)
