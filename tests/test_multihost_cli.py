@@ -182,13 +182,20 @@ def _run_argv(out: Path, *launch: str) -> list[str]:
     return ["run", "experiments/configs/smoke.yaml", "--out", str(out), "--quiet", *launch]
 
 
-@pytest.mark.parametrize("launch, env, named", [
-    (("--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"), {}, "--process-id: 2 is out of range"),
-    ((), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID"),
-    (("--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"), {}, "--coordinator: 'localhost' is not HOST:PORT"),
+BAD_STARTS = [
+    (("--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"), {},
+     "--process-id: 2 is out of range"),
+    ((), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"},
+     "JAX_PROCESS_ID"),
+    (("--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"), {},
+     "--coordinator: 'localhost' is not HOST:PORT"),
     (("--num-processes", "0"), {}, "--num-processes: 0 must be at least 1"),
-    ((), {"HFL_DISTRIBUTED": "1", "HFL_COORDINATOR_TIMEOUT": "5"}, "--coordinator, --num-processes, --process-id: not given"),
-])
+    ((), {"HFL_DISTRIBUTED": "1", "HFL_COORDINATOR_TIMEOUT": "5"},   # no cluster manager to auto-detect
+     "--coordinator, --num-processes, --process-id: not given"),
+]
+
+
+@pytest.mark.parametrize("launch, env, named", BAD_STARTS)
 def test_bad_start_is_one_line_exit_2_naming_the_option(tmp_path, launch, env, named):
     (rc, log), = _launch([_run_argv(tmp_path / "never", *launch)], tmp_path, env=env, timeout=120)
     assert rc == 2, log
