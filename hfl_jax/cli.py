@@ -107,7 +107,7 @@ def _report(summary: dict, out: Path, as_json: bool) -> None:
 
 
 def _train(args, fn, out: Path) -> int:
-    from hfl_jax.driver import TrainingHealthError
+    from hfl_jax.driver import TrainingHealthError, is_main_process
 
     args.run_dir = out   # for the interrupt hint
     progress, stop = (None, lambda: None) if args.quiet else _progress()
@@ -117,7 +117,8 @@ def _train(args, fn, out: Path) -> int:
         return _fail(str(e), code=1)
     finally:
         stop()
-    _report(summary, out, args.json)
+    if is_main_process():   # one report per run, not one per process
+        _report(summary, out, args.json)
     return 0
 
 
@@ -175,6 +176,36 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-host", "Start the same command once per process (host), each with its own --process-id; with none "
+        "of these (and HFL_DISTRIBUTED unset) the run is one process. README.md, 'Runs on several hosts'.")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, reachable from every process (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (env JAX_PROCESS_ID)")
+    g.add_argument("--coordinator-timeout", type=float, metavar="SECONDS",
+                   help="how long every process waits for all of them to join (env HFL_COORDINATOR_TIMEOUT; "
+                        "default 300)")
+
+
+def start_processes(args, environ) -> int:
+    """Joins the run's other processes (``jax.distributed.initialize``) when ``run``/``resume``
+    was given a multi-host option or variable, or ``HFL_DISTRIBUTED=1`` (values missing: JAX's
+    cluster auto-detection). 0, or 2 after a one-line error naming the option."""
+    from hfl_jax import multihost
+
+    try:
+        launch = multihost.from_options(args.coordinator, args.num_processes, args.process_id,
+                                        args.coordinator_timeout, environ)
+        given = any(v is not None for v in (launch.coordinator, launch.num_processes, launch.process_id))
+        if given or environ.get("HFL_DISTRIBUTED") == "1":
+            multihost.initialize(launch)
+    except multihost.LaunchError as e:
+        return _fail(str(e))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfl-jax", description="HierFedLoRA federated fine-tuning simulator (JAX).",
                                 epilog=EPILOG)
@@ -190,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<config name>); must not hold another run")
     r.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
+    _launch_options(r)
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint",
@@ -198,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", help="run directory written by `hfl-jax run`")
     s.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
     s.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
+    _launch_options(s)
     s.set_defaults(fn=cmd_resume)
 
     t = sub.add_parser("report", help="compare runs: table and plots",
@@ -240,9 +273,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import os
 
-    if os.environ.get("HFL_DISTRIBUTED") == "1":   # multi-host: one process per host, same command
-        import jax
-        jax.distributed.initialize()
+    if args.command in ("run", "resume"):   # multi-host: the same command on every process
+        code = start_processes(args, os.environ)
+        if code:
+            return code
     if args.command in ("run", "resume", "partition"):
         enable_compilation_cache()
     try:

@@ -259,10 +259,14 @@ def _state_from(meta: dict, arrays: dict, like: AlgoState, axis: DeviceAxis) -> 
     host = jax.tree.unflatten(treedef, [np.asarray(v, np.asarray(x).dtype).reshape(np.shape(x))
                                         for v, x in zip(saved, leaves)])
     trainable, device = (arrays, None) if like.device is None else (arrays["trainable"], arrays["device"])
-    return AlgoState(round=int(meta["round"]), trainable=axis.replicate(trainable),
+    # orbax restores each array with state 0's sharding (``like``); placing them again through the
+    # host would need a sharded array's every shard on this process, which it lacks with several
+    placed = lambda tree, place: tree if all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)) \
+        else place(tree)
+    return AlgoState(round=int(meta["round"]), trainable=placed(trainable, axis.replicate),
                      sim_time=float(meta["sim_time"]), bytes_up=float(meta["bytes_up"]),
                      bytes_down=float(meta["bytes_down"]), host=host,
-                     device=None if device is None else axis.put(device))
+                     device=None if device is None else placed(device, axis.put))
 
 
 # --- the loop --------------------------------------------------------------------------------------
