@@ -85,17 +85,15 @@ def _assert_same_run(reference, run_dir):
         np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
 
 
-def _largest(files):
-    return max(files, key=lambda f: f.stat().st_size)
-
-
-# One file of each kind in the latest checkpoint: array data, the OCDBT manifest, our meta JSON,
-# orbax's tree metadata JSON.
+# Files of each kind in the latest checkpoint: array data (every data file of the OCDBT store:
+# which of them orbax reads depends on how it merged the per-process stores), the OCDBT manifest,
+# our meta JSON, orbax's tree metadata JSON.
 CORRUPTIONS = {
-    "array_data": lambda step: _largest(list((step / "trainable").glob("ocdbt.process_*/d/*"))),
-    "manifest": lambda step: step / "trainable" / "manifest.ocdbt",
-    "meta_json": lambda step: step / "meta" / "metadata",
-    "tree_metadata_json": lambda step: step / "trainable" / "_METADATA",
+    "array_data": lambda step: sorted((step / "trainable").glob("d/*"))
+                               + sorted((step / "trainable").glob("ocdbt.process_*/d/*")),
+    "manifest": lambda step: [step / "trainable" / "manifest.ocdbt"],
+    "meta_json": lambda step: [step / "meta" / "metadata"],
+    "tree_metadata_json": lambda step: [step / "trainable" / "_METADATA"],
 }
 
 
@@ -104,14 +102,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp
     import shutil
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    bad = CORRUPTIONS[kind](run / "checkpoints" / str(ROUNDS))
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])   # truncated, as by a full disk
+    step = run / "checkpoints" / str(ROUNDS)
+    bad = CORRUPTIONS[kind](step)
+    assert bad
+    for f in bad:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])   # truncated, as by a full disk
     r = hfl("resume", run, "--quiet")
     assert r.returncode == 0, r.stderr
     skipped = [line for line in r.stderr.splitlines() if line.startswith(f"skipped checkpoint {ROUNDS}")]
-    assert len(skipped) == 1 and bad.name in skipped[0], r.stderr   # one line naming the file
+    assert len(skipped) == 1 and any(f.name in skipped[0] for f in bad), r.stderr   # one line naming the file
     moved = run / "checkpoints.corrupt" / str(ROUNDS)
-    assert moved.is_dir() and (moved / bad.relative_to(run / "checkpoints" / str(ROUNDS))).is_file()
+    assert moved.is_dir() and all((moved / f.relative_to(step)).is_file() for f in bad)
+    assert f"from checkpoint {ROUNDS - 1}" in r.stderr
     _assert_same_run(smoke_run, run)
 
 
