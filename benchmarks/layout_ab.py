@@ -80,7 +80,8 @@ def compile_variant(setup, w, variant):
     encoder.FAMILIES["bert"] = with_attention(attn)
     try:
         data, trainable, ids, weights, key = _inputs(dataclasses.replace(setup, model=model), w, 0)
-        fn = make_group_round.__wrapped__(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max)
+        fn = make_group_round.__wrapped__(model, optax.adam(w.lr), depth=w.d, local_steps=w.E,
+                                          batch_size=w.B, n_max=data.n_max)
         args = jax.device_put((trainable, base_of(setup.params), data, ids, weights, key))
         t0 = time.perf_counter()
         compiled = fn.lower(*args).compile()

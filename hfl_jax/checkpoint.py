@@ -102,21 +102,31 @@ def _move_aside(step_dir: Path) -> Path:
 def restore_newest_good(directory: str | Path, keep: int, like: Any,
                         report: Callable[[str], None]) -> tuple[int, Any, dict] | None:
     """``(step, trainable, meta)`` of the newest checkpoint in ``directory`` that restores cleanly,
-    or None when there is none. Every newer checkpoint that fails to restore is moved aside to
-    ``<directory>.corrupt/`` (never deleted) and ``report`` gets one line naming its bad file."""
+    or None when there is none. Every newer checkpoint that failed to restore is then moved aside to
+    ``<directory>.corrupt/`` (never deleted) and ``report`` gets one line naming its bad file.
+    When no checkpoint restores at all, nothing is moved and a RuntimeError says why: a failure
+    shared by every step is far more likely a changed config (other shapes) than corruption."""
     directory = Path(directory)
     mgr = manager(directory, keep)
+    failed = []
     try:
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
-                return restore(mgr, like, step)
+                found = restore(mgr, like, step)
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous one
-                why = diagnose(directory / str(step), e)
+                failed.append((step, diagnose(directory / str(step), e)))
+                continue
+            for bad, why in failed:
                 if jax.process_index() == 0:
-                    dest = _move_aside(directory / str(step))
-                    report(f"skipped checkpoint {step}: {why}; moved it to {dest}")
+                    dest = _move_aside(directory / str(bad))
+                    report(f"skipped checkpoint {bad}: {why}; moved it to {dest}")
                 else:
-                    report(f"skipped checkpoint {step}: {why}")
+                    report(f"skipped checkpoint {bad}: {why}")
+            return found
+        if failed:
+            step, why = failed[0]
+            raise RuntimeError(f"no checkpoint in {directory} restores (newest, {step}: {why}); nothing was "
+                               f"moved. If config.yaml was edited (model, lora, algorithm), restore it")
         return None
     finally:
         mgr.close()

@@ -252,6 +252,9 @@ def _meta(state: AlgoState, history: list, assignment: np.ndarray) -> dict:
 def _state_from(meta: dict, arrays: dict, like: AlgoState, axis: DeviceAxis) -> AlgoState:
     """The state saved as ``(arrays, meta)``; ``like`` (state 0) gives the host tree's structure and dtypes."""
     leaves, treedef = jax.tree.flatten(like.host)
+    if "host" not in meta:
+        raise RuntimeError("this checkpoint was written by hfl_jax before the algorithm API (bandit and rank "
+                           "state stored per field); resume it with that version (git a78bbc7) or start anew")
     saved = meta["host"]
     if len(saved) != len(leaves):
         raise RuntimeError(f"the checkpoint's algorithm state has {len(saved)} values where "

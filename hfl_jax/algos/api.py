@@ -7,7 +7,7 @@ algorithm module builds a :class:`FedAlgorithm` from its hyperparameters:
 * ``round(env, state, key) -> (AlgoState, record)``: one global round; ``key`` is the
   round's PRNG key, ``record`` a JSON-able dict (one line of ``metrics.jsonl``).
 
-``env`` (:class:`~hfl_jax.algos.env.Env`) is everything fixed for the run (model, frozen
+``env`` (:class:`~hfl_jax.fed.env.Env`) is everything fixed for the run (model, frozen
 base, groups' data, device axis, profiles, workload). The builder also says how devices
 are grouped (``group``) and which fine-tuning depths it may train (``depths``, which the
 frozen-layer cache reads). Registering a new algorithm is one line in
