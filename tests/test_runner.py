@@ -125,6 +125,24 @@ def test_resume_without_checkpoint_says_it_starts_from_round_0(smoke_run, tmp_pa
     assert "no usable checkpoint" in r.stderr and "starting from round 0" in r.stderr, r.stderr
 
 
+def test_resume_after_a_config_edit_moves_no_good_checkpoint_aside(smoke_run, tmp_path):
+    import shutil
+
+    import yaml
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["lora"]["rank"] = 2   # every checkpoint now holds other shapes than the config builds
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    r = hfl("resume", run, "--quiet")
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("hfl-jax")]
+    assert len(lines) == 1 and "no checkpoint" in lines[0] and "config.yaml" in lines[0], r.stderr
+    assert not (run / "checkpoints.corrupt").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == \
+        sorted(p.name for p in (smoke_run / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def test_diverging_run_stops_with_one_line_naming_the_learning_rate(tmp_path):
     out = tmp_path / "diverged"
     r = hfl("run", SMOKE, "--set", "train.lr=1e30", "--set", "train.rounds=3", "--out", out, "--quiet")
