@@ -80,6 +80,28 @@ def ucb_index(state: RUCBState, phi: float) -> np.ndarray:
   return np.where(played, idx, np.inf)
 
 
+def _check_builder(num_arms, gamma: float, phi: float, nu: float) -> None:
+  if not isinstance(num_arms, int) or num_arms < 1:
+    raise ValueError(f"num_arms must be a positive int, got {num_arms!r}")
+  if not 0.0 < gamma <= 1.0:
+    raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
+  if phi < 0 or nu < 0:
+    raise ValueError(f"phi and nu must be >= 0, got phi={phi}, nu={nu}")
+
+
+def _feasible_and_order(feasible, num_arms: int, seed: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """``([A] bool feasible, seeded arm order)``; raises on a bad shape or no feasible arm."""
+  feas = np.asarray(feasible, bool)
+  if feas.shape != (num_arms,):
+    raise ValueError(f"feasible must have shape ({num_arms},), "
+                     f"got {feas.shape}")
+  if not feas.any():
+    raise ValueError("no feasible arm: every (depth, tau) exceeds the "
+                     "memory or time budget")
+  return feas, np.random.default_rng(seed).permutation(num_arms)
+
+
 def rucb(num_arms: int, *, phi: float = 1.0, gamma: float = 0.9,
          nu: float = 0.5) -> RUCB:
   """Builds a resource-constrained discounted UCB bandit.
@@ -105,12 +127,7 @@ def rucb(num_arms: int, *, phi: float = 1.0, gamma: float = 0.9,
         discounts every statistic by gamma and adds the penalised reward
         ``penalized_reward(reward, time, budget, nu)`` for ``arm``.
   """
-  if not isinstance(num_arms, int) or num_arms < 1:
-    raise ValueError(f"num_arms must be a positive int, got {num_arms!r}")
-  if not 0.0 < gamma <= 1.0:
-    raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
-  if phi < 0 or nu < 0:
-    raise ValueError(f"phi and nu must be >= 0, got phi={phi}, nu={nu}")
+  _check_builder(num_arms, gamma, phi, nu)
   a_total = num_arms
 
   def init() -> RUCBState:
@@ -118,14 +135,7 @@ def rucb(num_arms: int, *, phi: float = 1.0, gamma: float = 0.9,
                      total=np.asarray(0.0), round=np.asarray(0, np.int64))
 
   def select(state: RUCBState, feasible, seed: int = 0) -> tuple[int, dict]:
-    feas = np.asarray(feasible, bool)
-    if feas.shape != (a_total,):
-      raise ValueError(f"feasible must have shape ({a_total},), "
-                       f"got {feas.shape}")
-    if not feas.any():
-      raise ValueError("no feasible arm: every (depth, tau) exceeds the "
-                       "memory or time budget")
-    order = np.random.default_rng(seed).permutation(a_total)
+    feas, order = _feasible_and_order(feasible, a_total, seed)
     counts = np.asarray(state.counts, np.float64)
     idx = np.where(feas, ucb_index(state, phi), -np.inf)
     unplayed = feas & (counts <= 0)
@@ -244,12 +254,9 @@ def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
     highest fitted level among played feasible arms), ``level``, ``se``,
     ``slope``, ``sigma``.
   """
-  if not isinstance(num_arms, int) or num_arms < 1:
-    raise ValueError(f"num_arms must be a positive int, got {num_arms!r}")
-  if not 0.0 < gamma <= 1.0:
-    raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
-  if phi < 0 or nu < 0 or slope_prior <= 0 or noise_prior <= 0:
-    raise ValueError("need phi, nu >= 0 and slope_prior, noise_prior > 0")
+  _check_builder(num_arms, gamma, phi, nu)
+  if slope_prior <= 0 or noise_prior <= 0:
+    raise ValueError("need slope_prior, noise_prior > 0")
   a_total = num_arms
   fields = DetrendedState._fields[:-1]
 
@@ -259,14 +266,7 @@ def detrended_rucb(num_arms: int, *, phi: float = 0.5, gamma: float = 0.98,
 
   def select(state: DetrendedState, feasible, seed: int = 0
              ) -> tuple[int, dict]:
-    feas = np.asarray(feasible, bool)
-    if feas.shape != (a_total,):
-      raise ValueError(f"feasible must have shape ({a_total},), "
-                       f"got {feas.shape}")
-    if not feas.any():
-      raise ValueError("no feasible arm: every (depth, tau) exceeds the "
-                       "memory or time budget")
-    order = np.random.default_rng(seed).permutation(a_total)
+    feas, order = _feasible_and_order(feasible, a_total, seed)
     fit = detrended_fit(state, slope_prior=slope_prior,
                         noise_prior=noise_prior)
     played = np.asarray(state.weights) > 0
