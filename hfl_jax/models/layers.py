@@ -179,5 +179,11 @@ class Block(nn.Module):
                                      name="attention")(h, ctx, lora, scale)
         h = layer_norm(cfg, "attention_ln")(f32(dense(cfg.hidden_size, "attention_output", context)) + h)
         pre = dense(cfg.intermediate_size, "intermediate", h)
-        inter = activation(cfg.hidden_act)(f32(pre)).astype(pre.dtype)
+        act = activation(cfg.hidden_act)
+        if pre.dtype != jnp.float32:
+            # float32 arithmetic, and only the bf16 input kept for the backward pass (the
+            # activation's float32 internals are recomputed there, not stored)
+            inter = jax.checkpoint(lambda x: act(f32(x)).astype(x.dtype))(pre)
+        else:
+            inter = act(pre)
         return layer_norm(cfg, "output_ln")(f32(dense(cfg.hidden_size, "output", inter)) + h)
