@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated configs dtype/remat[/chunk][/donate], e.g. f32/none,bf16/full/40 "
                         "(default: f32 and bf16 x every remat policy, chunks 40 and 20, donation; most telling first)")
+    p.add_argument("--unroll", type=int, default=0,
+                   help="EncoderModel.unroll of the layer scan (0: all layers, as the driver does for L <= 12)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here (rewritten after each row)")
     args = p.parse_args(argv)
     cfg = EncoderConfig(**SHAPES[args.model])
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
         configs += [["bf16", "full", "40"], ["f32", "full"], ["f32", "none", "", "donate"], ["f32", "dots"],
                     ["f32", "dense"], ["bf16", "full", "20"]]
     print(f"# memory_policies {datetime.datetime.now().isoformat(timespec='seconds')}: {args.model} M={args.M} "
-          f"B={args.B} T={args.T} E={args.E} rank {args.rank} on query+value, full depth, Adam; jax {jax.__version__} "
+          f"B={args.B} T={args.T} E={args.E} rank {args.rank} on query+value, full depth, Adam, layer scan unroll "
+          f"{args.unroll or 'all'}; jax {jax.__version__} "
           f"backend {jax.default_backend()} {[str(d) for d in jax.devices()][:1]}")
     print("| dtype | remat | chunk | donate | compile s | args MiB | out MiB | temp MiB | alias MiB | peak GiB "
           "| temp MiB / device |")
@@ -118,8 +121,8 @@ def main(argv=None) -> int:
         dtype, remat = c[0], c[1]
         chunk = int(c[2]) if len(c) > 2 and c[2] else None
         donate = len(c) > 3 and c[3] == "donate"
-        model = EncoderModel(cfg, compute_dtype=jnp.bfloat16 if dtype == "bf16" else None, unroll=True,
-                             remat=remat)
+        model = EncoderModel(cfg, compute_dtype=jnp.bfloat16 if dtype == "bf16" else None,
+                             unroll=args.unroll or True, remat=remat)
         row = {"dtype": dtype, "remat": remat, "chunk": chunk, "donate": donate,
                **measure(model, args.M, args.B, args.T, args.E, args.rank, chunk, donate)}
         rows.append(row)

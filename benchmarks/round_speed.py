@@ -578,7 +578,12 @@ def parse_args(argv=None):
     p.add_argument("--torch-autocast", choices=("auto", "none", "bfloat16"), default="auto",
                    help="torch-vmap method: bf16 torch.autocast or none (auto: bfloat16 iff --compute-dtype is)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the frozen matmuls in hfl_jax (EncoderModel.compute_dtype)")
+                   help="hfl_jax precision (EncoderModel.compute_dtype; bfloat16: the mixed-precision policy of "
+                        "hfl_jax/models/precision.py)")
+    p.add_argument("--remat", choices=("none", "dots", "dense", "full"), default="none",
+                   help="hfl_jax rematerialisation policy of the trained layers (EncoderModel.remat)")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "einsum"), default="auto",
+                   help="hfl_jax BERT/RoBERTa attention kernel (EncoderModel.attention)")
     p.add_argument("--unroll", type=int, default=None,
                    help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers; default: as the driver "
                         "does, all layers when L <= driver.UNROLL_MAX_LAYERS, else 1)")
@@ -630,11 +635,14 @@ def main(argv=None) -> int:
         from hfl_jax.driver import UNROLL_MAX_LAYERS
         args.unroll = 0 if cfg.num_layers <= UNROLL_MAX_LAYERS else 1
         setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, unroll=args.unroll == 0 or 1))
+    setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, remat=args.remat,
+                                                                 attention=args.attention))
     L = cfg.num_layers
     depth = L if args.depth is None else args.depth
     info = machine_info()
     print(f"# round_speed: {args.model} (L={L}, H={cfg.hidden_size}), rank {args.rank} on {'+'.join(TARGETS)}, "
-          f"compute dtype {args.compute_dtype}, layer scan unroll {args.unroll or 'all'}, "
+          f"compute dtype {args.compute_dtype}, remat {args.remat}, attention {args.attention}, "
+          f"layer scan unroll {args.unroll or 'all'}, "
           f"XLA options {dict(compiler_options()) or 'none'} (hfl_jax.fed.xla)")
     print(f"# {info['date']}  nproc={info['nproc']}  cpu={info['cpu']}  load(1,5,15)="
           f"{', '.join(f'{x:.2f}' for x in info['load'])}  jax {info['jax']} {info['jax_devices']}")
