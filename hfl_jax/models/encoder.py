@@ -193,7 +193,7 @@ class EncoderModel:
 
     def _run_layers(self, params, h, ctx, lora, start, stop, remat: str = "none"):
         """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis, each layer under
-        ``jax.checkpoint`` with the ``remat`` policy unless it is ``"none"``."""
+        ``jax.checkpoint`` with the ``remat`` policy (and then as a rolled scan) unless it is ``"none"``."""
         if stop <= start:
             return h
         block = self._modules()[2]
@@ -202,14 +202,18 @@ class EncoderModel:
 
         def layer(layer_params, h, layer_lora):
             return block.apply({"params": layer_params}, h, ctx, layer_lora, scale)
+        unroll = self.unroll
         if remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(remat))
+            # A rolled scan: in unrolled straight-line code XLA schedules the recomputation next to
+            # the forward pass and the saving is lost (XLA:CPU memory analysis, RESULTS.md).
+            unroll = 1
 
         def body(h, xs):
             layer_params, layer_lora = xs
             return layer(layer_params, h, layer_lora), None
         xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
-        return jax.lax.scan(body, h, xs, unroll=self.unroll)[0]
+        return jax.lax.scan(body, h, xs, unroll=unroll)[0]
 
     def apply(self, params: Params, input_ids: Array, attention_mask: Array,
               token_type_ids: Array | None = None, lora: LoRA | None = None, *,

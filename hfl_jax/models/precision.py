@@ -26,7 +26,9 @@ CPU default of the driver) is float32 everywhere, bit-for-bit the pre-policy com
 
 Rematerialisation (``EncoderModel.remat``, config ``model.remat``) wraps each *trained* layer
 (the top ``depth``; the frozen bottom layers run under ``stop_gradient`` and store nothing) in
-``jax.checkpoint`` with one of :data:`REMAT_POLICIES`. Results are identical up to float
+``jax.checkpoint`` with one of :data:`REMAT_POLICIES`, and runs them as a rolled ``lax.scan``
+whatever ``EncoderModel.unroll`` says (unrolled, XLA schedules the recomputation beside the
+forward pass and the memory saving disappears). Results are identical up to float
 reordering (``tests/test_remat_attention.py``); what changes is what the backward pass reads from
 memory versus recomputes (``benchmarks/memory_policies.py`` reports XLA's memory per policy).
 """
