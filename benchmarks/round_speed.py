@@ -414,7 +414,7 @@ def make_torch_vmap_round(setup: Setup, w: Work, seed: int = 0, device=None, mod
             gk = g[k].float()
             n1[k] = b1 * m1[k] + (1.0 - b1) * gk
             n2[k] = b2 * m2[k] + (1.0 - b2) * gk * gk
-            denom = n2[k].sqrt() / (bc2 ** 0.5) + eps
+            denom = n2[k].sqrt() / bc2.sqrt() + eps
             new[k] = p * (1.0 - w.lr * weight_decay) - (w.lr / bc1) * n1[k] / denom
         return new, n1, n2
 
@@ -432,8 +432,9 @@ def make_torch_vmap_round(setup: Setup, w: Work, seed: int = 0, device=None, mod
             m2 = {k: torch.zeros_like(p) for k, p in tr.items()}
             for e in range(w.E):
                 b = {k: v[c0:c1, e] for k, v in batches.items()}
-                tr, m1, m2 = step(tr, m1, m2, float(e + 1), b["input_ids"], b["attention_mask"],
-                                  b["token_type_ids"], b["labels"])
+                t = torch.tensor(float(e + 1), device=device)  # a tensor: no torch.compile recompile per step
+                tr, m1, m2 = step(tr, m1, m2, t, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  b["labels"])
             for k in sums:
                 sums[k] += torch.einsum("m,m...->...", wts[c0:c1], tr[k])
         return sums
