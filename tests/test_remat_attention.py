@@ -122,3 +122,19 @@ def test_bf16_policy_dtypes_and_closeness():
     assert all(s in res16 for s in ("bf16[3,4,9,48]", "bf16[3,4,9,4,8]", "bf16[3,4,9,4]")), res16
     assert "f32[3,4,9,48]" not in res16, res16  # GELU's float32 internals are recomputed, not stored
     assert "bf16" not in res32
+
+
+def test_config_keys_reach_the_model():
+    from pathlib import Path
+
+    from hfl_jax.config import ConfigError, load_config
+    from hfl_jax.driver import build_model
+
+    smoke = Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml"
+    for override, key in [("model.remat=some", r"model\.remat"), ("model.attention=flash", r"model\.attention")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(smoke, [override])
+    cfg = load_config(smoke, ["model.remat=dense", "model.attention=einsum"])
+    model, _ = build_model(cfg, 2)
+    assert (model.remat, model.attention) == ("dense", "einsum")
+    assert build_model(load_config(smoke), 2)[0].remat == "none"  # defaults: no remat, float32
