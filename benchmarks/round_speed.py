@@ -9,6 +9,12 @@ T, fine-tuning depth d, LoRA rank r on query+value) after compilation, three way
          device, then a jitted FedAvg over the stacked results.
   torch  transformers ``*ForSequenceClassification`` + PEFT LoRA, looping over
          devices (fresh Adam per device, the same batches), then FedAvg.
+  torch-vmap  the strongest plain-PyTorch way: ``torch.func.vmap(grad)`` of a
+         ``functional_call`` of the same PEFT model over the devices' stacked
+         adapters (frozen base unbatched), a hand-written AdamW, under
+         ``torch.compile`` (``--torch-vmap compile``, default) or eager, bf16
+         autocast with ``--compute-dtype bfloat16``; equal to the torch loop after a
+         round in float32 (``tests/test_torch_vmap_peer.py``).
 
 Reports examples/s, tokens/s, achieved FLOP/s from the analytic count
 (``hfl_jax.fed.timemodel.step_flops`` x E x M), the machine's matmul peak
@@ -56,7 +62,7 @@ from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora  #
 
 TARGETS = ("query", "value")
 MODELS = ("tiny", "minilm-l6", "roberta-base-shape")
-METHODS = ("vmap", "loop", "torch")
+METHODS = ("vmap", "loop", "torch", "torch-vmap")
 MiB = 2.0 ** 20
 
 # Columns of the main table (tests/test_benchmark_smoke.py checks these names).
@@ -266,27 +272,28 @@ def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0) -> Result:
                   note="XLA MiB is one device's call")
 
 
-def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int = 2) -> Result:
-    """PyTorch + PEFT: the same model shape (and, for MiniLM, the same weights), batches, E and Adam."""
+def _torch_peft_model(setup: Setup, w: Work, seed: int, device, attn: str | None = None):
+    """transformers ``*ForSequenceClassification`` + PEFT LoRA on ``device`` (seeded), dropout off, with
+    ``requires_grad`` on exactly what hfl_jax trains: LoRA of the top ``w.d`` layers and the head.
+    Returns ``(peft_model, {name: trainable parameter})``."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = setup.model.cfg
+    extra = {} if attn is None else {"attn_implementation": attn}
     if setup.hf_dir is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tmodel = transformers.AutoModelForSequenceClassification.from_pretrained(str(setup.hf_dir),
-                                                                                      num_labels=cfg.num_labels)
+            tmodel = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(setup.hf_dir), num_labels=cfg.num_labels, **extra)
     else:
         kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
                   max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-                  layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, num_labels=cfg.num_labels)
+                  layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, num_labels=cfg.num_labels,
+                  **extra)
         if cfg.model_type == "roberta":
             tmodel = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**kw))
         else:
@@ -296,7 +303,7 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
     pmodel = get_peft_model(tmodel, LoraConfig(r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS),
                                                lora_dropout=0.0))
     L = cfg.num_layers
-    trainable = []
+    trainable = {}
     for name, p in pmodel.named_parameters():
         if "lora_" in name:
             layer = int(name.split(".layer.")[1].split(".")[0])
@@ -306,54 +313,181 @@ def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int =
         else:
             p.requires_grad_(False)
         if p.requires_grad:
-            trainable.append(p)
-    start = [p.detach().clone() for p in trainable]
+            trainable[name] = p
+    return pmodel, trainable
 
-    # the same batches as the JAX runs: sample_batch_indices(round_key, device_id, count, ...)
+
+def _torch_batches(setup: Setup, w: Work, seed: int, device):
+    """The JAX runs' batches (``sample_batch_indices(round_key, device_id, ...)``) as int64 tensors
+    ``{key: [M, E, B, T]}`` (labels ``[M, E, B]``), and the FedAvg weights ``[M]`` (sum 1)."""
+    import torch
+
     data, _, ids, weights, key = _inputs(setup, w, seed)
-    batches = []
+    out = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
     for m in range(w.M):
         idx, _ = sample_batch_indices(key, int(ids[m]), int(data.counts[m]), data.n_max, w.E, w.B)
         idx = np.asarray(idx)
-        batches.append([{k: torch.from_numpy(np.asarray(getattr(data, k))[m][idx[e]].astype(np.int64)).to(device)
-                         for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-                        for e in range(w.E)])
-    wts = torch.tensor(weights) / float(weights.sum())
+        for k in out:
+            out[k].append(np.asarray(getattr(data, k))[m][idx])
+    batches = {k: torch.from_numpy(np.stack(v).astype(np.int64)).to(device) for k, v in out.items()}
+    return batches, torch.tensor(weights / float(weights.sum()), dtype=torch.float32, device=device)
+
+
+def _torch_device(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return device, sync
+
+
+def make_torch_peft_round(setup: Setup, w: Work, seed: int = 0, device=None):
+    """``one_round() -> {name: FedAvg of the devices' trained parameter}``: the PEFT loop (one device
+    after another, each from the same start with a fresh ``torch.optim.Adam``, the same batches)."""
+    import torch
+
+    pmodel, trainable = _torch_peft_model(setup, w, seed, device)
+    params = list(trainable.values())
+    start = [p.detach().clone() for p in params]
+    batches, wts = _torch_batches(setup, w, seed, device)
 
     def one_round():
-        sums = [torch.zeros_like(p) for p in trainable]
+        sums = [torch.zeros_like(p) for p in params]
         for m in range(w.M):
             with torch.no_grad():
-                for p, s in zip(trainable, start):
+                for p, s in zip(params, start):
                     p.copy_(s)
-            opt = torch.optim.Adam(trainable, lr=w.lr)
-            for b in batches[m]:
-                out = pmodel(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                             token_type_ids=b["token_type_ids"])
-                loss = torch.nn.functional.cross_entropy(out.logits, b["labels"])
+            opt = torch.optim.Adam(params, lr=w.lr)
+            for e in range(w.E):
+                out = pmodel(input_ids=batches["input_ids"][m, e], attention_mask=batches["attention_mask"][m, e],
+                             token_type_ids=batches["token_type_ids"][m, e])
+                loss = torch.nn.functional.cross_entropy(out.logits, batches["labels"][m, e])
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for s, p in zip(sums, trainable):
+                for s, p in zip(sums, params):
                     s.add_(p, alpha=float(wts[m]))
-        sync()
+        return dict(zip(trainable, sums))
+
+    return pmodel, one_round
+
+
+def make_torch_vmap_round(setup: Setup, w: Work, seed: int = 0, device=None, mode: str = "compile",
+                          chunk: int | None = None, autocast: bool = False, weight_decay: float = 0.0):
+    """``one_round() -> {name: FedAvg of the devices' trained parameter}``: the strongest plain-PyTorch
+    way. The devices' trainable parameters (LoRA of the top ``w.d`` layers, head) are stacked
+    ``[chunk, ...]``; one local step of a whole chunk is ``torch.func.vmap(grad(loss))`` over them, the
+    loss a ``torch.func.functional_call`` of the PEFT model with the frozen base unbatched (shared),
+    then a hand-written AdamW on the stacked tensors (torch.optim.AdamW's formula; weight decay 0 is
+    Adam, as the other methods). ``mode``: ``"eager"`` or ``"compile"`` (``torch.compile`` of the
+    step); ``autocast``: bf16 ``torch.autocast`` around the forward/backward (masters, AdamW state
+    float32); ``chunk``: devices per call (default all M). Attention is transformers' eager one,
+    given the prepared additive mask (its mask helpers branch on data, which ``vmap`` refuses)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    pmodel, trainable = _torch_peft_model(setup, w, seed, device, attn="eager")
+    frozen = {n: p.detach() for n, p in pmodel.named_parameters() if n not in trainable}
+    frozen.update(dict(pmodel.named_buffers()))
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    batches, wts = _torch_batches(setup, w, seed, device)
+    chunk = min(chunk or w.M, w.M)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def loss_fn(tr, input_ids, attention_mask, token_type_ids, labels):
+        # the additive [B, 1, 1, T] mask that transformers would build (a 4-D mask is taken as is; its
+        # 2-D path branches on the mask's values, which vmap refuses)
+        bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        out = functional_call(pmodel, (frozen, tr), args=(),
+                              kwargs=dict(input_ids=input_ids, attention_mask=bias, token_type_ids=token_type_ids))
+        return torch.nn.functional.cross_entropy(out.logits.float(), labels)
+
+    grads_of = vmap(grad(loss_fn), in_dims=(0, 0, 0, 0, 0))
+
+    def step(tr, m1, m2, t, input_ids, attention_mask, token_type_ids, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            g = grads_of(tr, input_ids, attention_mask, token_type_ids, labels)
+        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        new, n1, n2 = {}, {}, {}
+        for k, p in tr.items():
+            gk = g[k].float()
+            n1[k] = b1 * m1[k] + (1.0 - b1) * gk
+            n2[k] = b2 * m2[k] + (1.0 - b2) * gk * gk
+            denom = n2[k].sqrt() / bc2.sqrt() + eps
+            new[k] = p * (1.0 - w.lr * weight_decay) - (w.lr / bc1) * n1[k] / denom
+        return new, n1, n2
+
+    if mode == "compile":
+        step = torch.compile(step)
+    elif mode != "eager":
+        raise ValueError(f"unknown torch vmap mode {mode!r}; eager or compile")
+
+    def one_round():
+        sums = {k: torch.zeros_like(p) for k, p in start.items()}
+        for c0 in range(0, w.M, chunk):
+            c1 = min(c0 + chunk, w.M)
+            tr = {k: p.unsqueeze(0).repeat(c1 - c0, *(1,) * p.ndim) for k, p in start.items()}
+            m1 = {k: torch.zeros_like(p) for k, p in tr.items()}
+            m2 = {k: torch.zeros_like(p) for k, p in tr.items()}
+            for e in range(w.E):
+                b = {k: v[c0:c1, e] for k, v in batches.items()}
+                t = torch.tensor(float(e + 1), device=device)  # a tensor: no torch.compile recompile per step
+                tr, m1, m2 = step(tr, m1, m2, t, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  b["labels"])
+            for k in sums:
+                sums[k] += torch.einsum("m,m...->...", wts[c0:c1], tr[k])
         return sums
 
+    return pmodel, one_round
+
+
+def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int = 2) -> Result:
+    """PyTorch + PEFT: the same model shape (and, for MiniLM, the same weights), batches, E and Adam."""
+    import torch
+
+    device, sync = _torch_device(threads)
+    pmodel, one_round = make_torch_peft_round(setup, w, seed, device)
+    timed = lambda: (one_round(), sync())  # noqa: E731
     t0 = time.perf_counter()
-    one_round()  # warm-up (allocator, kernels); reported in the compile column
+    timed()  # warm-up (allocator, kernels); reported in the compile column
     warm = time.perf_counter() - t0
-    times = time_it(one_round, repeats, warmup=0)
-    flops = w.flops(cfg)
-    attn = getattr(tmodel.config, "_attn_implementation", "?")
+    times = time_it(timed, repeats, warmup=0)
+    attn = getattr(pmodel.config, "_attn_implementation", "?")
     load = os.getloadavg()[0]
     if device.type == "cpu" and threads >= (os.cpu_count() or 1) and load > 1.0:
         print(f"[torch: {threads} threads on {os.cpu_count()} cores at load {load:.1f}: PyTorch's backward degrades "
               f"badly when its threads lose a core; compare with --torch-threads 1]")
-    return Result("torch", w, warm, times, flops, None, rss_peak_bytes(),
+    return Result("torch", w, warm, times, w.flops(setup.model.cfg), None, rss_peak_bytes(),
                   note=f"torch {torch.__version__} on {device.type}"
                        f"{'' if device.type == 'cuda' else f', {threads} threads'}, attention={attn}; "
                        f"compile column = first (warm-up) round")
+
+
+def run_torch_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int = 2, mode: str = "compile",
+                   chunk: int | None = None, autocast: bool = False) -> Result:
+    """The compiled (or eager) ``torch.func.vmap(grad)`` peer, :func:`make_torch_vmap_round`. On CUDA,
+    float32 matmuls use TF32 (as JAX's default on the GPU does)."""
+    import torch
+
+    device, sync = _torch_device(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    _, one_round = make_torch_vmap_round(setup, w, seed, device, mode, chunk, autocast)
+    timed = lambda: (one_round(), sync())  # noqa: E731
+    t0 = time.perf_counter()
+    timed()  # warm-up: torch.compile's compilation (mode compile) happens here
+    warm = time.perf_counter() - t0
+    times = time_it(timed, repeats, warmup=0)
+    peak = float(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
+    return Result("torch-vmap", w, warm, times, w.flops(setup.model.cfg), peak, rss_peak_bytes(),
+                  note=f"torch {torch.__version__} on {device.type}, func.vmap(grad) {mode}, "
+                       f"{'bf16 autocast' if autocast else 'float32' + (' (TF32)' if device.type == 'cuda' else '')}, "
+                       f"{min(chunk or w.M, w.M)} devices per call; compile column = first round (with "
+                       f"torch.compile); XLA MiB column = torch.cuda.max_memory_allocated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,10 +569,23 @@ def parse_args(argv=None):
     p.add_argument("--repeats", "-n", type=int, default=3, help="timed repeats per measurement (best and median)")
     p.add_argument("--methods", default="vmap,loop,torch",
                    help="comma-separated subset of vmap (one vmapped compiled call), loop (Python loop of a jitted "
-                        "single-device step) and torch (PyTorch + PEFT loop; skipped if torch/peft are missing)")
-    p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for the torch baseline")
+                        "single-device step), torch (PyTorch + PEFT loop) and torch-vmap (torch.func.vmap(grad) over "
+                        "stacked device adapters, functional_call, hand-written AdamW, --torch-vmap eager|compile); "
+                        "the torch methods are skipped if torch/peft are missing")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for the torch baselines")
+    p.add_argument("--torch-vmap", choices=("eager", "compile"), default="compile",
+                   help="torch-vmap method: torch.func.vmap(grad) step run eagerly or under torch.compile")
+    p.add_argument("--torch-chunk", type=int, default=None,
+                   help="torch-vmap method: devices per vmapped call (default all M)")
+    p.add_argument("--torch-autocast", choices=("auto", "none", "bfloat16"), default="auto",
+                   help="torch-vmap method: bf16 torch.autocast or none (auto: bfloat16 iff --compute-dtype is)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the frozen matmuls in hfl_jax (EncoderModel.compute_dtype)")
+                   help="hfl_jax precision (EncoderModel.compute_dtype; bfloat16: the mixed-precision policy of "
+                        "hfl_jax/models/precision.py)")
+    p.add_argument("--remat", choices=("none", "dots", "dense", "full"), default="none",
+                   help="hfl_jax rematerialisation policy of the trained layers (EncoderModel.remat)")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "einsum"), default="auto",
+                   help="hfl_jax BERT/RoBERTa attention kernel (EncoderModel.attention)")
     p.add_argument("--unroll", type=int, default=None,
                    help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers; default: as the driver "
                         "does, all layers when L <= driver.UNROLL_MAX_LAYERS, else 1)")
@@ -475,14 +622,14 @@ def main(argv=None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
-    if "torch" in methods:
+    if "torch" in methods or "torch-vmap" in methods:
         try:
             import peft  # noqa: F401
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError as e:
-            print(f"[torch baseline skipped: {e}]")
-            methods.remove("torch")
+            print(f"[torch baselines skipped: {e}]")
+            methods = [m for m in methods if not m.startswith("torch")]
     dtype = None if args.compute_dtype == "float32" else jnp.bfloat16
     setup = build_model(args.model, dtype, args.seed, True if args.unroll == 0 else (args.unroll or 1))
     cfg = setup.model.cfg
@@ -490,11 +637,14 @@ def main(argv=None) -> int:
         from hfl_jax.driver import UNROLL_MAX_LAYERS
         args.unroll = 0 if cfg.num_layers <= UNROLL_MAX_LAYERS else 1
         setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, unroll=args.unroll == 0 or 1))
+    setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, remat=args.remat,
+                                                                 attention=args.attention))
     L = cfg.num_layers
     depth = L if args.depth is None else args.depth
     info = machine_info()
     print(f"# round_speed: {args.model} (L={L}, H={cfg.hidden_size}), rank {args.rank} on {'+'.join(TARGETS)}, "
-          f"compute dtype {args.compute_dtype}, layer scan unroll {args.unroll or 'all'}, "
+          f"compute dtype {args.compute_dtype}, remat {args.remat}, attention {args.attention}, "
+          f"layer scan unroll {args.unroll or 'all'}, "
           f"XLA options {dict(compiler_options()) or 'none'} (hfl_jax.fed.xla)")
     print(f"# {info['date']}  nproc={info['nproc']}  cpu={info['cpu']}  load(1,5,15)="
           f"{', '.join(f'{x:.2f}' for x in info['load'])}  jax {info['jax']} {info['jax_devices']}")
@@ -514,7 +664,10 @@ def main(argv=None) -> int:
            "main": [], "sweep": {}}
 
     runners = {"vmap": lambda s, w, n, seed: run_vmap(s, w, n, seed, args.chunk_size), "loop": run_loop,
-               "torch": lambda s, w, n, seed: run_torch(s, w, n, seed, args.torch_threads)}
+               "torch": lambda s, w, n, seed: run_torch(s, w, n, seed, args.torch_threads),
+               "torch-vmap": lambda s, w, n, seed: run_torch_vmap(
+                   s, w, n, seed, args.torch_threads, args.torch_vmap, args.torch_chunk,
+                   args.torch_autocast == "bfloat16" or (args.torch_autocast == "auto" and dtype is not None))}
     if not args.sweep_only:
         w = Work(args.devices, args.batch, args.seq_len, args.steps, depth, args.rank, args.alpha, args.lr)
         results = []
@@ -531,7 +684,7 @@ def main(argv=None) -> int:
                 print(f"- {r.method}: {r.note}")
         by = {r.method: r for r in results}
         if "vmap" in by:
-            for m in ("loop", "torch"):
+            for m in ("loop", "torch", "torch-vmap"):
                 if m in by:
                     print(f"- speedup of vmap over {m}: {by[m].median / by['vmap'].median:.2f}x (ratio of median times)")
             print(f"- vmap achieved {100 * by['vmap'].flops / by['vmap'].median / peak:.1f}% of the matmul peak")

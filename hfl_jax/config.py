@@ -36,7 +36,9 @@ class TinyModelConfig:
 class ModelConfig:
     name: str = "minilm-l6"             # alias, local directory, hub id, or "tiny" (random, see `tiny`)
     tiny: TinyModelConfig = TinyModelConfig()
-    compute_dtype: str = "float32"      # float32 | bfloat16 (frozen matmuls only)
+    compute_dtype: str = "float32"      # float32 | bfloat16 (mixed precision: hfl_jax/models/precision.py)
+    attention: str = "auto"             # auto | xla | cudnn | einsum (BERT/RoBERTa attention kernel)
+    remat: str = "none"                 # none | dots | dense | full (hfl_jax/models/precision.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +322,10 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"unknown partition method {p.method!r}; one of {', '.join(PARTITIONERS)}")
     _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
     _require(cfg.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "float32 or bfloat16")
+    _require(cfg.model.attention in ("auto", "xla", "cudnn", "einsum"), "model.attention",
+             f"one of auto, xla, cudnn, einsum; got {cfg.model.attention!r}")
+    _require(cfg.model.remat in ("none", "dots", "dense", "full"), "model.remat",
+             f"one of none, dots, dense, full; got {cfg.model.remat!r}")
     b = a.bandit
     _require(0 < b.gamma <= 1, "algorithm.bandit.gamma", f"must be in (0, 1], got {b.gamma}")
     _require(b.phi >= 0 and b.nu >= 0, "algorithm.bandit", "phi and nu must be >= 0")

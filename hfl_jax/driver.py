@@ -74,6 +74,7 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
                                             compute_dtype=dtype)
     if model.num_layers <= UNROLL_MAX_LAYERS:
         model = dataclasses.replace(model, unroll=True)
+    model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat)
     return model, params
 
 

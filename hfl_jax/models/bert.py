@@ -45,12 +45,15 @@ class BertEmbeddings(nn.Module):
 
 
 class PaddingContext(nn.Module):
-    """Per-batch context shared by every layer: the additive padding bias."""
+    """Per-batch context shared by every layer: the additive padding bias ``mask_bias``
+    ``[B, 1, 1, T]`` and the number of real tokens ``kv_len`` ``[B]`` int32 (at least 1; what
+    cuDNN attention takes, exact for right-padded rows)."""
 
     cfg: EncoderConfig
 
     def __call__(self, attention_mask: Array, hidden: Array) -> dict[str, Any]:
-        return {"mask_bias": padding_bias(attention_mask, hidden.dtype)}
+        kv_len = jnp.maximum((attention_mask > 0).sum(-1), 1).astype(jnp.int32)
+        return {"mask_bias": padding_bias(attention_mask, hidden.dtype), "kv_len": kv_len}
 
 
 class BertHead(nn.Module):

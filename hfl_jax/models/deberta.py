@@ -161,10 +161,15 @@ class DisentangledAttention(nn.Module):
     projection. Scores are scaled by ``sqrt(head_dim * (1 + #position terms))``
     and fully masked rows (padding queries) get uniform attention, as in
     transformers' ``masked_fill(finfo.min)`` + softmax.
+
+    Under a ``compute_dtype`` the projections run in it, but queries, keys and values are
+    cast back to float32 here: the disentangled scores, their softmax and the context are
+    float32 (this family keeps its own attention path; ``attention`` is accepted and ignored).
     """
 
     cfg: EncoderConfig
     compute_dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h: Array, ctx: Mapping[str, Array], lora: Mapping[str, Mapping[str, Array]],
@@ -172,7 +177,7 @@ class DisentangledAttention(nn.Module):
         cfg = self.cfg
         v1 = cfg.model_type == "deberta"
         types = cfg.pos_att_type
-        heads = lambda x: split_heads(x, cfg.num_heads)
+        heads = lambda x: split_heads(x.astype(jnp.float32), cfg.num_heads)
         dense = lambda name, bias=True: LoRADense(cfg.hidden_size, dense_init(cfg), use_bias=bias,
                                                   compute_dtype=self.compute_dtype, name=name)
         q_proj, k_proj, v_proj = dense("query"), dense("key"), dense("value")
@@ -219,7 +224,7 @@ class DisentangledAttention(nn.Module):
         scores = jnp.where(ctx["mask"], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return out.reshape(*out.shape[:2], cfg.hidden_size)
+        return out.reshape(*out.shape[:2], cfg.hidden_size).astype(self.compute_dtype or jnp.float32)
 
 
 class ContextPoolerHead(nn.Module):

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 
 from hfl_jax.models import bert
 from hfl_jax.models.config import EncoderConfig
-from hfl_jax.models.layers import Block, SelfAttention
+from hfl_jax.models.layers import ATTENTION_IMPLS, Block, SelfAttention
 from hfl_jax.models.lora import LoRA
+from hfl_jax.models.precision import remat_policy
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -79,14 +80,27 @@ def _slice_layers(tree, start: int, stop: int):
 class EncoderModel:
     """A stateless encoder + classification head. Hashable, so usable as a static argument.
 
-    ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs the frozen weights' matrix
-    products in that dtype; parameters, LoRA and the head stay float32.
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``): the mixed-precision policy of
+    :mod:`hfl_jax.models.precision` (matmul inputs and stored activations in that dtype;
+    parameters, LoRA, head, LayerNorm, softmax and loss float32). ``None``: float32.
     ``unroll`` is passed to the layer ``lax.scan``.
+    ``attention``: BERT/RoBERTa attention kernel (:data:`hfl_jax.models.layers.ATTENTION_IMPLS`;
+    ``"auto"``: cuDNN fused attention on a GPU in bf16, XLA's ``dot_product_attention`` on other
+    GPU inputs, the einsum path on CPU).
+    ``remat``: rematerialisation of the trained layers
+    (:data:`hfl_jax.models.precision.REMAT_POLICIES`).
     """
 
     cfg: EncoderConfig
     compute_dtype: Any = None
     unroll: int | bool = 1  # lax.scan unroll over layers; True unrolls fully (XLA cost analysis counts loops once)
+    attention: str = "auto"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r}; one of {ATTENTION_IMPLS}")
+        remat_policy(self.remat)  # validates the name
 
     @property
     def family(self) -> Family:
@@ -99,7 +113,8 @@ class EncoderModel:
     def _modules(self):
         f, cfg = self.family, self.cfg
         return (f.embeddings(cfg), f.context(cfg),
-                Block(cfg, attention_cls=f.attention, compute_dtype=self.compute_dtype), f.head(cfg))
+                Block(cfg, attention_cls=f.attention, compute_dtype=self.compute_dtype, attention=self.attention),
+                f.head(cfg))
 
     def init(self, rng: Array, seq_len: int = 8) -> Params:
         """Random parameters (HF-style normal(0, initializer_range) init), layers stacked."""
@@ -153,7 +168,7 @@ class EncoderModel:
         if split > start_layer:
             h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split))
         if depth > 0:
-            h = self._run_layers(params, h, ctx, lora, split, L)
+            h = self._run_layers(params, h, ctx, lora, split, L, remat=self.remat)
         return h
 
     def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
@@ -177,19 +192,29 @@ class EncoderModel:
         return self.family.embeddings(self.cfg).apply({"params": params["embeddings"]}, input_ids,
                                                       token_type_ids, attention_mask)
 
-    def _run_layers(self, params, h, ctx, lora, start, stop):
-        """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis."""
+    def _run_layers(self, params, h, ctx, lora, start, stop, remat: str = "none"):
+        """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis, each layer under
+        ``jax.checkpoint`` with the ``remat`` policy (and then as a rolled scan) unless it is ``"none"``."""
         if stop <= start:
             return h
         block = self._modules()[2]
         weights = lora.weights if lora is not None else {}
         scale = lora.scale if lora is not None else 1.0
 
+        def layer(layer_params, h, layer_lora):
+            return block.apply({"params": layer_params}, h, ctx, layer_lora, scale)
+        unroll = self.unroll
+        if remat != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(remat))
+            # A rolled scan: in unrolled straight-line code XLA schedules the recomputation next to
+            # the forward pass and the saving is lost (XLA:CPU memory analysis, RESULTS.md).
+            unroll = 1
+
         def body(h, xs):
             layer_params, layer_lora = xs
-            return block.apply({"params": layer_params}, h, ctx, layer_lora, scale), None
+            return layer(layer_params, h, layer_lora), None
         xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
-        return jax.lax.scan(body, h, xs, unroll=self.unroll)[0]
+        return jax.lax.scan(body, h, xs, unroll=unroll)[0]
 
     def apply(self, params: Params, input_ids: Array, attention_mask: Array,
               token_type_ids: Array | None = None, lora: LoRA | None = None, *,

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from hfl_jax.models.config import EncoderConfig
 
@@ -46,8 +47,16 @@ class LoRADense(nn.Module):
 
     The LoRA factors are *inputs*, not parameters of this module: adapters are
     their own pytree and never live inside the frozen base parameters.
-    ``compute_dtype`` (e.g. bfloat16) applies to the frozen ``x W`` product only;
-    the LoRA path always runs in the input's dtype.
+
+    ``compute_dtype`` (e.g. bfloat16) is the mixed-precision policy of
+    :mod:`hfl_jax.models.precision`: ``x``, ``W``, ``A`` and ``B`` enter their
+    products in that dtype (float32 accumulation), the bias is added in float32 and
+    the output (the activation stored for the backward pass) is returned in
+    ``compute_dtype``; the float32 parameters and adapters are the masters, and
+    their gradients come back in float32 through the casts. ``None``: all float32.
+
+    The output is tagged ``"dense"`` and ``x A`` ``"lora_xa"`` for the
+    rematerialisation policies (:data:`hfl_jax.models.precision.REMAT_POLICIES`).
     """
 
     features: int
@@ -58,16 +67,24 @@ class LoRADense(nn.Module):
     @nn.compact
     def __call__(self, x: Array, lora: Mapping[str, Array] | None = None, scale: float = 1.0) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        if self.compute_dtype is not None and self.compute_dtype != x.dtype:
-            y = jnp.dot(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype),
-                        preferred_element_type=jnp.float32).astype(x.dtype)
-        else:
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        cd = self.compute_dtype
+        if cd is None or jnp.dtype(cd) == jnp.float32:
             y = x @ kernel
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            if bias is not None:
+                y = y + bias
+            if lora is not None:
+                y = y + (checkpoint_name(x @ lora["A"], "lora_xa") @ lora["B"]) * scale
+            return checkpoint_name(y, "dense")
+        xc = x.astype(cd)
+        y = jnp.dot(xc, kernel.astype(cd), preferred_element_type=jnp.float32)
+        if bias is not None:
+            y = y + bias
         if lora is not None:
-            y = y + ((x @ lora["A"]) @ lora["B"]) * scale
-        return y
+            xa = jnp.dot(xc, lora["A"].astype(cd), preferred_element_type=jnp.float32).astype(cd)
+            xa = checkpoint_name(xa, "lora_xa")
+            y = y + jnp.dot(xa, lora["B"].astype(cd), preferred_element_type=jnp.float32) * scale
+        return checkpoint_name(y.astype(cd), "dense")
 
 
 def layer_norm(cfg: EncoderConfig, name: str) -> nn.LayerNorm:
@@ -85,12 +102,40 @@ def padding_bias(attention_mask: Array, dtype=jnp.float32) -> Array:
     return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+def attention_impl(impl: str, dtype) -> str:
+    """Resolves ``"auto"``: on a GPU, cuDNN fused attention with 16-bit inputs (its supported case)
+    and XLA's ``dot_product_attention`` otherwise; on CPU the einsum path, which keeps CPU results
+    bit-identical to earlier versions (XLA's kernel gave no measured CPU speed-up,
+    benchmarks/RESULTS.md). Other names pass through."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "gpu":
+        return "einsum"
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
 class SelfAttention(nn.Module):
     """Scaled dot-product self-attention of BERT/RoBERTa. Returns the merged
-    context ``[B, T, H]`` before the attention output projection."""
+    context ``[B, T, H]`` before the attention output projection.
+
+    ``attention`` picks the kernel (:data:`ATTENTION_IMPLS`): ``"xla"`` and ``"cudnn"`` call
+    ``jax.nn.dot_product_attention`` (scores and softmax in float32, probabilities cast to the
+    value dtype); ``"cudnn"`` (cuDNN fused attention, GPU, bf16/f16 only) takes the padding mask
+    as per-example key lengths ``ctx["kv_len"]``, so it assumes right padding (what the
+    tokenizers produce); ``"xla"`` adds ``ctx["mask_bias"]`` like the ``"einsum"`` reference
+    path (the pre-issue-14 code, kept for the exactness tests). ``"auto"``: :func:`attention_impl`.
+    """
 
     cfg: EncoderConfig
     compute_dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h: Array, ctx: Mapping[str, Array], lora: LoRALayer, scale: float) -> Array:
@@ -98,9 +143,17 @@ class SelfAttention(nn.Module):
         proj = lambda name: LoRADense(cfg.hidden_size, dense_init(cfg), compute_dtype=self.compute_dtype,
                                       name=name)(h, lora.get(name), scale)
         q, k, v = (split_heads(proj(n), cfg.num_heads) for n in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(cfg.head_dim, h.dtype))
-        probs = jax.nn.softmax(scores + ctx["mask_bias"], axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        impl = attention_impl(self.attention, q.dtype)
+        if impl == "einsum":
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = scores / jnp.sqrt(jnp.asarray(cfg.head_dim, jnp.float32))
+            probs = jax.nn.softmax(scores + ctx["mask_bias"], axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+        elif impl == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=ctx["kv_len"],
+                                               implementation="cudnn")
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=ctx["mask_bias"], implementation="xla")
         return out.reshape(*out.shape[:2], cfg.hidden_size)
 
 
@@ -109,19 +162,32 @@ class Block(nn.Module):
 
     ``lora`` maps target names (``query``, ``key``, ``value``,
     ``attention_output``, ``intermediate``, ``output``) to this layer's LoRA
-    factors; absent targets are not adapted.
+    factors; absent targets are not adapted. Under a ``compute_dtype`` the dense
+    outputs are in that dtype; each residual sum and LayerNorm runs in float32 (the
+    LayerNorm output, the residual stream, is float32) and the activation is computed
+    in float32 and stored in ``compute_dtype``.
     """
 
     cfg: EncoderConfig
     attention_cls: type[nn.Module] = SelfAttention
     compute_dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h: Array, ctx: Mapping[str, Any], lora: LoRALayer, scale: float) -> Array:
         cfg = self.cfg
         dense = lambda feats, name, x: LoRADense(feats, dense_init(cfg), compute_dtype=self.compute_dtype,
                                                  name=name)(x, lora.get(name), scale)
-        context = self.attention_cls(cfg, compute_dtype=self.compute_dtype, name="attention")(h, ctx, lora, scale)
-        h = layer_norm(cfg, "attention_ln")(dense(cfg.hidden_size, "attention_output", context) + h)
-        inter = activation(cfg.hidden_act)(dense(cfg.intermediate_size, "intermediate", h))
-        return layer_norm(cfg, "output_ln")(dense(cfg.hidden_size, "output", inter) + h)
+        f32 = lambda x: x.astype(jnp.float32)
+        context = self.attention_cls(cfg, compute_dtype=self.compute_dtype, attention=self.attention,
+                                     name="attention")(h, ctx, lora, scale)
+        h = layer_norm(cfg, "attention_ln")(f32(dense(cfg.hidden_size, "attention_output", context)) + h)
+        pre = dense(cfg.intermediate_size, "intermediate", h)
+        act = activation(cfg.hidden_act)
+        if pre.dtype != jnp.float32:
+            # float32 arithmetic, and only the bf16 input kept for the backward pass (the
+            # activation's float32 internals are recomputed there, not stored)
+            inter = jax.checkpoint(lambda x: act(f32(x)).astype(x.dtype))(pre)
+        else:
+            inter = act(pre)
+        return layer_norm(cfg, "output_ln")(f32(dense(cfg.hidden_size, "output", inter)) + h)
