@@ -85,14 +85,15 @@ def _assert_same_run(reference, run_dir):
         np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
 
 
-# One file of each kind in the latest checkpoint: array data, the OCDBT manifest, our meta JSON,
-# orbax's tree metadata JSON.
+# Files of each kind in the latest checkpoint: array data (every data file of the OCDBT store:
+# which of them orbax reads depends on how it merged the per-process stores), the OCDBT manifest,
+# our meta JSON, orbax's tree metadata JSON.
 CORRUPTIONS = {
-    # every OCDBT data file (which of them holds which array depends on orbax's packing)
-    "array_data": lambda step: sorted((step / "trainable").glob("ocdbt.process_*/d/*")),
-    "manifest": lambda step: step / "trainable" / "manifest.ocdbt",
-    "meta_json": lambda step: step / "meta" / "metadata",
-    "tree_metadata_json": lambda step: step / "trainable" / "_METADATA",
+    "array_data": lambda step: sorted((step / "trainable").glob("d/*"))
+                               + sorted((step / "trainable").glob("ocdbt.process_*/d/*")),
+    "manifest": lambda step: [step / "trainable" / "manifest.ocdbt"],
+    "meta_json": lambda step: [step / "meta" / "metadata"],
+    "tree_metadata_json": lambda step: [step / "trainable" / "_METADATA"],
 }
 
 
@@ -101,18 +102,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp
     import shutil
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    bads = CORRUPTIONS[kind](run / "checkpoints" / str(ROUNDS))
-    bads = bads if isinstance(bads, list) else [bads]
-    assert bads
-    for bad in bads:
-        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])   # truncated, as by a full disk
+    step = run / "checkpoints" / str(ROUNDS)
+    bad = CORRUPTIONS[kind](step)
+    assert bad
+    for f in bad:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])   # truncated, as by a full disk
     r = hfl("resume", run, "--quiet")
     assert r.returncode == 0, r.stderr
     skipped = [line for line in r.stderr.splitlines() if line.startswith(f"skipped checkpoint {ROUNDS}")]
-    named = [bad for bad in bads if bad.name in "".join(skipped)]
-    assert len(skipped) == 1 and named, r.stderr   # one line naming a bad file
+    assert len(skipped) == 1 and any(f.name in skipped[0] for f in bad), r.stderr   # one line naming the file
     moved = run / "checkpoints.corrupt" / str(ROUNDS)
-    assert moved.is_dir() and (moved / named[0].relative_to(run / "checkpoints" / str(ROUNDS))).is_file()
+    assert moved.is_dir() and all((moved / f.relative_to(step)).is_file() for f in bad)
+    assert f"from checkpoint {ROUNDS - 1}" in r.stderr
     _assert_same_run(smoke_run, run)
 
 
