@@ -15,6 +15,8 @@ from hfl_jax.fed.aggregate import pad_rank, rank_padded_mean, truncate_rank
 from hfl_jax.models import LoRA
 
 SMOKE = "tests/configs/tiny_v1.yaml"   # the pre-issue-15 smoke setting
+# 2 layers (depths 1, 2): the programs compile in about half the time of the fixture's 4 layers
+TWO_LAYERS = ["model.tiny.num_layers=2", "algorithm.depths=[1,2]"]
 
 
 def _rounds(exp, n):
@@ -29,7 +31,7 @@ def _rounds(exp, n):
 def test_algorithm_runs_several_rounds(name, monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
     cfg = load_config(SMOKE, [f"algorithm.name={name}", "lora.rank=4", "algorithm.hetlora.ranks=[1,2,4]",
-                              "algorithm.flexlora.ranks=[1,2,4]"])
+                              "algorithm.flexlora.ranks=[1,2,4]", *TWO_LAYERS])
     exp = build(cfg)
     state, records = _rounds(exp, 3)
     assert state.round == 3 and state.sim_time > 0
@@ -54,7 +56,7 @@ def test_algorithm_runs_several_rounds(name, monkeypatch):
 
 def test_half_participation_is_deterministic_and_absent_groups_skip(monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
-    cfg = load_config(SMOKE, ["train.participation=0.5"])
+    cfg = load_config(SMOKE, ["train.participation=0.5", *TWO_LAYERS])
     exp = build(cfg)
     s1, r1 = _rounds(exp, 2)
     s2, r2 = _rounds(build(cfg), 2)
@@ -124,7 +126,7 @@ def test_hetlora_sparsity_setting_changes_the_aggregate(monkeypatch):
     finals = {}
     for sparsity in ("update", "adapter", "none"):
         cfg = load_config(SMOKE, ["algorithm.name=hetlora", "lora.rank=4", "algorithm.hetlora.ranks=[1,2,4]",
-                                  f"algorithm.hetlora.sparsity={sparsity}"])
+                                  f"algorithm.hetlora.sparsity={sparsity}", *TWO_LAYERS])
         state, _ = _rounds(build(cfg), 1)
         finals[sparsity] = np.asarray(state.trainable["lora"].weights["query"]["B"])
     assert all(np.isfinite(v).all() for v in finals.values())
