@@ -21,8 +21,6 @@ from hfl_jax.algos import stages
 from hfl_jax.algos.api import AlgoState, FedAlgorithm
 from hfl_jax.algos.rucb import make_arms
 from hfl_jax.algos.selectors import RUCB, Feedback, FixedArm
-from hfl_jax.config import ConfigError
-from hfl_jax.fed.timemodel import global_round_time
 
 
 def default_depths(num_layers: int) -> tuple[int, ...]:
@@ -67,7 +65,7 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
                 groups.append(dict(g.record(), skipped=True))
                 continue
             arm, rec = selector.select(sel, k, lambda: stages.arm_costs(
-                env, g, arm_depths, arm_taus, time_budget=getattr(selector, "time_budget", None), **traffic), rng)
+                env, g, arm_depths, arm_taus, time_budget=selector.time_budget, **traffic), rng)
             depth, tau = int(arm_depths[arm]), int(arm_taus[arm])
             gkey = jax.random.fold_in(key, k)
             before = stages.probe(env, state.trainable, g, gkey) if selector.probes else None
@@ -84,9 +82,9 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
             fb = Feedback(cost["time"], before, after, budget=rec.get("time_budget"))
             pulls.append((k, arm, groups[-1], fb))
         # every bandit learns once the round's global time (the slowest group's) is known
-        round_time = global_round_time([c["time"] for c in costs])
+        seconds = stages.round_time(costs)
         for k, arm, record, fb in pulls:
-            sel, learned = selector.update(sel, k, arm, fb._replace(round_time=round_time))
+            sel, learned = selector.update(sel, k, arm, fb._replace(round_time=seconds))
             record.update(learned)
         trainable = stages.global_aggregate(state.trainable, results)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
@@ -95,8 +93,7 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
 
 
 def _grid(acfg, num_layers):
-    if acfg.depths is not None and len(acfg.depths) == 0:
-        raise ConfigError("algorithm.depths: the arm grid is empty; list at least one depth or omit the key")
+    # an empty list is refused by config validation ("algorithm.depths: the arm grid is empty")
     return tuple(acfg.depths) if acfg.depths else default_depths(num_layers)
 
 

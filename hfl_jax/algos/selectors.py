@@ -44,6 +44,7 @@ def _feasible_or_cheapest(arm_costs) -> tuple[np.ndarray, dict]:
 class FixedArm:
     """Always arm 0 (the algorithm's arm grid holds one arm)."""
     probes = False
+    time_budget = None
 
     def init(self, num_groups: int):
         return ()
@@ -59,6 +60,7 @@ class FixedArm:
 class RandomArm:
     """A uniformly random feasible arm every round (no learning): the control for R-UCB."""
     num_arms: int
+    time_budget: float | None = None   # per-round seconds; arms estimated above it are infeasible
     probes = False
 
     def init(self, num_groups: int):

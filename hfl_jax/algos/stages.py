@@ -23,6 +23,7 @@ from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.group_aggregators import FedAvg
+from hfl_jax.fed.timemodel import global_round_time
 
 PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
 # Salts that give every purpose its own random stream (shared with hfl_jax.driver).
@@ -176,6 +177,11 @@ def global_aggregate(prev: Any, results: list) -> Any:
     return {"lora": lora, "head": head}
 
 
+def round_time(costs: list) -> float:
+    """The global round's simulated seconds: its slowest group's (0 with no group)."""
+    return global_round_time([c["time"] for c in costs])
+
+
 def finish_round(state: AlgoState, trainable: Any, costs: list, groups: list, dropped: list,
                  **changes) -> tuple[AlgoState, dict]:
     """The next state (clock advanced by the slowest group, traffic added) and the round's record.
@@ -183,14 +189,12 @@ def finish_round(state: AlgoState, trainable: Any, costs: list, groups: list, dr
     ``costs``: the groups' :func:`group_cost` dicts; ``groups``: their records; ``dropped``:
     device ids dropped as non-finite; ``changes``: other :class:`AlgoState` fields to replace.
     """
-    from hfl_jax.fed.timemodel import global_round_time
-
-    round_time = global_round_time([c["time"] for c in costs])
+    seconds = round_time(costs)
     up = sum(c["bytes_up"] for c in costs)
     down = sum(c["bytes_down"] for c in costs)
     new = dataclasses.replace(state, round=state.round + 1, trainable=trainable,
-                              sim_time=state.sim_time + round_time, bytes_up=state.bytes_up + up,
+                              sim_time=state.sim_time + seconds, bytes_up=state.bytes_up + up,
                               bytes_down=state.bytes_down + down, **changes)
-    record = {"round": new.round, "round_time": round_time, "sim_time": new.sim_time, "bytes_up": up,
+    record = {"round": new.round, "round_time": seconds, "sim_time": new.sim_time, "bytes_up": up,
               "bytes_down": down, "groups": groups, "dropped_devices": sorted(dropped)}
     return new, record
