@@ -80,7 +80,14 @@ class DevicesConfig:
     profiles: Optional[str] = None      # YAML/CSV file of device profiles; default: drawn from tiers
     tiers: tuple[str, ...] = ("tx2", "nx", "agx", "orin")
     bandwidth_jitter: float = 0.5
-    edge_cloud_bandwidth: float = 100e6  # bytes/s between a group's aggregator and the cloud
+    edge_cloud_bandwidth: float = 100e6  # bytes/s between a group's edge server and the cloud (wired backhaul)
+    # Two-tier links (docs/time_model.md, "Links"): hierarchical algorithms' devices talk to an edge
+    # server over their LAN links (up_bw/down_bw); flat algorithms' devices talk to the cloud over
+    # their WAN links (cloud_up_bw/cloud_down_bw). false: the single-tier model of earlier versions
+    # (every device link is the LAN one, no latencies).
+    two_tier: bool = True
+    edge_latency: float = 0.005         # s per message, device <-> edge server (Wi-Fi LAN)
+    cloud_latency: float = 0.05         # s per message on a path to the cloud (WAN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +146,7 @@ class AlgorithmConfig:
     name: str = "hierfedlora"           # a key of hfl_jax.algos.ALGORITHMS
     num_groups: int = 4
     lam: float = 0.0                    # grouping: weight of the speed-spread term
+    sample_balance: float = 0.0         # grouping: weight of the sample-balance term (0: the paper's objective)
     depths: Optional[tuple[int, ...]] = None   # depth grid (None: 1, 2, 4, ... up to L, and L)
     taus: tuple[int, ...] = (1, 2, 3)   # intra-group aggregation frequencies
     fixed_depth: Optional[int] = None   # hierfedlora_fixed (None: L // 2)
@@ -296,6 +304,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(p.classes_per_device >= 1, "partition.classes_per_device", "must be >= 1")
     _require(p.beta > 0, "partition.beta", f"must be > 0, got {p.beta}")
     _require(cfg.devices.edge_cloud_bandwidth > 0, "devices.edge_cloud_bandwidth", "must be > 0 (bytes/s)")
+    for key, v in [("devices.edge_latency", cfg.devices.edge_latency), ("devices.cloud_latency", cfg.devices.cloud_latency)]:
+        _require(math.isfinite(v) and v >= 0, key, f"must be a finite number >= 0 (seconds), got {v}")
     _require(0 <= cfg.devices.bandwidth_jitter < 1, "devices.bandwidth_jitter", "must be in [0, 1)")
     _require(a.bandit.time_budget is None or a.bandit.time_budget > 0, "algorithm.bandit.time_budget",
              "must be > 0 (seconds)")
@@ -312,6 +322,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.num_groups <= p.num_devices, "algorithm.num_groups",
              f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")
     _require(a.lam >= 0, "algorithm.lam", "must be >= 0")
+    _require(math.isfinite(a.sample_balance) and a.sample_balance >= 0, "algorithm.sample_balance",
+             f"must be a finite number >= 0, got {a.sample_balance}")
     _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", "must be a non-empty list of ints >= 1")
     _require(a.depths is None or len(a.depths) > 0, "algorithm.depths",
              "the arm grid is empty; list depths (e.g. [2, 4]) or omit the key for the default 1, 2, 4, ..., L")

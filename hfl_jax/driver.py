@@ -33,6 +33,7 @@ from hfl_jax.fed.engine import make_evaluate
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.local import base_of
 from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_arrays
+from hfl_jax.report import tier_totals
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 
 log = logging.getLogger("hfl_jax")
@@ -184,7 +185,8 @@ def workload(cfg: ExperimentConfig) -> Workload:
     t = cfg.train
     return Workload(local_steps=t.local_steps, batch_size=t.batch_size, seq_len=cfg.data.max_length,
                     rank=cfg.lora.rank, targets=tuple(cfg.lora.targets),
-                    edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth)
+                    edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth, edge_latency=cfg.devices.edge_latency,
+                    cloud_latency=cfg.devices.cloud_latency, two_tier=cfg.devices.two_tier)
 
 
 def build(cfg: ExperimentConfig) -> Experiment:
@@ -414,6 +416,7 @@ def summarize(history: list, cfg: ExperimentConfig) -> dict:
            "sim_time": history[-1]["sim_time"] if history else 0.0,
            "bytes_up": float(sum(h["bytes_up"] for h in history)),
            "bytes_down": float(sum(h["bytes_down"] for h in history)),
+           **tier_totals(history),
            "device_updates": int(sum(p for p, _ in health)),
            "dropped_updates": int(sum(d for _, d in health)),
            "wall_time": rounds_wall, "rounds_wall_time": rounds_wall}

@@ -62,6 +62,19 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     return {"dir": d, "config": config, "records": records, "summary": summary}
 
 
+TIER_BYTES = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes_down")
+TIER_TIMES = ("time_compute", "time_edge", "time_cloud")
+
+
+def tier_totals(records: Sequence[Mapping]) -> dict:
+    """Traffic per tier (bytes, summed over rounds) and the simulated clock split into compute,
+    device-edge and cloud seconds (summed over rounds' critical paths), from round records.
+    Records written before the two-tier model have none of these fields: ``{}``."""
+    if not records or any(k not in records[0] for k in TIER_BYTES + TIER_TIMES):
+        return {}
+    return {k: float(sum(r[k] for r in records)) for k in TIER_BYTES + TIER_TIMES}
+
+
 def _summary_from(config: Mapping, records: list) -> dict:
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     out = {"name": config.get("name"), "algorithm": (config.get("algorithm") or {}).get("name"),
@@ -69,6 +82,7 @@ def _summary_from(config: Mapping, records: list) -> dict:
            "sim_time": records[-1]["sim_time"] if records else 0.0,
            "bytes_up": float(sum(r.get("bytes_up", 0.0) for r in records)),
            "bytes_down": float(sum(r.get("bytes_down", 0.0) for r in records)),
+           **tier_totals(records),
            "wall_time": float(sum(r.get("wall_time", 0.0) for r in records)), "stop_reason": None}
     if evals:
         out["final_accuracy"], out["best_accuracy"] = evals[-1], max(evals)
@@ -115,13 +129,17 @@ def run_stats(run: Mapping, target: float | None = None) -> dict:
     """Numbers of one run: ``final_accuracy``, ``best_accuracy`` (None without evaluation),
     ``rounds_to_target`` / ``time_to_target`` (the global round and cumulative simulated
     seconds of the first evaluation with accuracy >= ``target``; None if never reached or
-    no target), ``traffic_mb`` ((up + down) bytes / 1e6, all levels), ``wall_time`` (s),
-    ``rounds`` and ``sim_time``."""
+    no target), ``traffic_mb`` ((up + down) bytes / 1e6, all levels), ``edge_mb`` / ``cloud_mb``
+    (the device-edge and cloud tiers' share; None for runs recorded before the two-tier model),
+    ``wall_time`` (s), ``rounds`` and ``sim_time``."""
     recs, ev = run["records"], evaluations(run)
+    tiers = tier_totals(recs)
     out = {"final_accuracy": None, "best_accuracy": None, "rounds_to_target": None, "time_to_target": None,
            "traffic_mb": sum(r.get("bytes_up", 0.0) + r.get("bytes_down", 0.0) for r in recs) / MB,
            "wall_time": float(sum(r.get("wall_time", 0.0) for r in recs)), "rounds": len(recs),
-           "sim_time": float(recs[-1]["sim_time"]) if recs else 0.0}
+           "sim_time": float(recs[-1]["sim_time"]) if recs else 0.0,
+           "edge_mb": (tiers["edge_bytes_up"] + tiers["edge_bytes_down"]) / MB if tiers else None,
+           "cloud_mb": (tiers["cloud_bytes_up"] + tiers["cloud_bytes_down"]) / MB if tiers else None}
     if len(ev):
         out["final_accuracy"], out["best_accuracy"] = float(ev[-1, 2]), float(ev[:, 2].max())
         if target is not None:
@@ -229,7 +247,8 @@ def report_table(dirs: RunLike | Sequence[RunLike], target: float | None = None,
     Columns: seeds, final and best evaluation accuracy, global rounds and simulated
     seconds until the first evaluation with accuracy >= ``target`` ("not reached" if
     never; when only some seeds reach it, the mean over those and ``(k/n reached)``),
-    traffic (total MB up + down, all levels, 1 MB = 1e6 bytes) and wall time (s).
+    traffic (total MB up + down, all levels, 1 MB = 1e6 bytes), wall time (s), and the traffic's
+    device-edge and cloud tiers (MB; "n/a" for runs recorded before the two-tier model).
     A row of several runs shows ``mean ± std`` with the sample standard deviation (ddof=1).
 
     Args:
@@ -246,7 +265,7 @@ def report_table(dirs: RunLike | Sequence[RunLike], target: float | None = None,
     if not given:
         target = default_target(runs)
     head = ["run", "seeds", "final acc", "best acc", "rounds to target", "sim time to target (s)",
-            "traffic (MB)", "wall time (s)"]
+            "traffic (MB)", "wall time (s)", "device-edge (MB)", "cloud (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for label, rs in group_runs(runs, group_by):
         stats = [run_stats(r, target) for r in rs]
@@ -259,7 +278,9 @@ def report_table(dirs: RunLike | Sequence[RunLike], target: float | None = None,
                  _cell(col("best_accuracy"), 4) if evaluated else "n/a",
                  _cell(col("rounds_to_target"), 1, integer=True) if reach else "n/a",
                  _cell(col("time_to_target"), _seconds_digits(col("time_to_target"))) if reach else "n/a",
-                 _cell([s["traffic_mb"] for s in stats], 3), _cell(walls, _seconds_digits(walls))]
+                 _cell([s["traffic_mb"] for s in stats], 3), _cell(walls, _seconds_digits(walls)),
+                 *[_cell([s[k] for s in stats], 3) if all(s[k] is not None for s in stats) else "n/a"
+                   for k in ("edge_mb", "cloud_mb")]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if target is None:

@@ -161,3 +161,22 @@ def test_bad_inputs_raise():
 def test_random_groups_balanced():
   a = random_groups(10, 3, seed=0)
   np.testing.assert_array_equal(np.sort(np.bincount(a)), [3, 3, 4])
+
+
+def test_sample_balance_term_evens_out_group_samples():
+    # two big single-class devices and many small mixed ones: KL alone puts both big devices
+    # with small ones of the other class; the balance term must even out sample totals
+    rng = np.random.default_rng(0)
+    small = rng.integers(1, 4, size=(14, 2))
+    counts = np.concatenate([[[200, 0], [0, 30]], small]).astype(float)
+    plain = group_devices(counts, 2, seed=0)
+    balanced = group_devices(counts, 2, balance=5.0, seed=0)
+    share = lambda a: group_report(counts, a)["samples"].max() / counts.sum()
+    rep = group_report(counts, balanced, balance=5.0)
+    assert rep["balance_objective"] == pytest.approx(
+        2 * sum((s / counts.sum() - 0.5) ** 2 for s in rep["samples"]))
+    assert rep["objective"] == pytest.approx(rep["data_objective"] + 5.0 * rep["balance_objective"])
+    assert share(balanced) <= share(plain)
+    # the greedy search does at least as well as the plain grouping on the balanced objective
+    obj = lambda a: grouping.grouping_objective(counts, a, balance=5.0)
+    assert obj(balanced) <= obj(plain) + 1e-12

@@ -104,9 +104,9 @@ def test_table_default_target_mean_std(three_runs):
     # A, B: final 0.8, 0.7; best 0.8, 0.75; reach 0.65 at round 2 (t = 20, 24);
     # traffic 3 * 3 MB = 9 and 3 * 1 MB = 3; wall 3 and 6 (3 significant digits). std with ddof=1: |x1 - x2| / sqrt(2).
     assert rows["cmp (hierfedlora)"] == ["0, 1", "0.7500 ± 0.0707", "0.7750 ± 0.0354", "2.0 ± 0.0",
-                                         "22.0 ± 2.8", "6.000 ± 4.243", "4.50 ± 2.12"]
+                                         "22.0 ± 2.8", "6.000 ± 4.243", "4.50 ± 2.12", "n/a", "n/a"]
     # C alone: reaches 0.65 only at round 3 (t = 15); traffic 3 * 2 MB; wall 3 * 0.5
-    assert rows["cmp (fedlora)"] == ["0", "0.6500", "0.6500", "3", "15.0", "6.000", "1.50"]
+    assert rows["cmp (fedlora)"] == ["0", "0.6500", "0.6500", "3", "15.0", "6.000", "1.50", "n/a", "n/a"]
 
 
 def test_table_given_target_not_reached(three_runs):
@@ -132,7 +132,7 @@ def test_table_group_by(three_runs, tmp_path):
 def test_table_without_evaluation(tmp_path):
     d = write_run(tmp_path / "r", _config("cmp", "fedlora", 0), [0.5], [1], 1e6, 1e6, 1.0, evaluate=False)
     table = report.report_table([d])
-    assert _rows(table)["cmp (fedlora)"] == ["0", "n/a", "n/a", "n/a", "n/a", "2.000", "1.00"]
+    assert _rows(table)["cmp (fedlora)"] == ["0", "n/a", "n/a", "n/a", "n/a", "2.000", "1.00", "n/a", "n/a"]
     assert "Target accuracy: none" in table
 
 
@@ -178,6 +178,16 @@ def test_real_smoke_run(smoke_run):
     assert cells[1] == f"{summ['final_accuracy']:.4f}"
     assert cells[3] != "not reached"   # the default target is this run's own best
     assert cells[5] == f"{stats['traffic_mb']:.3f}"
+    # per-tier traffic and time: every round record has them, summary.json sums them, the table shows them
+    tiers = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes_down",
+             "time_compute", "time_edge", "time_cloud")
+    for k in tiers:
+        assert summ[k] == pytest.approx(sum(r[k] for r in run["records"]))
+    for r in run["records"]:
+        assert r["time_compute"] + r["time_edge"] + r["time_cloud"] == pytest.approx(r["round_time"])
+        assert r["edge_bytes_up"] + r["cloud_bytes_up"] == pytest.approx(r["bytes_up"])
+    assert cells[7:9] == [f"{stats['edge_mb']:.3f}", f"{stats['cloud_mb']:.3f}"]
+    assert stats["edge_mb"] + stats["cloud_mb"] == pytest.approx(stats["traffic_mb"])
     # the driver drew the plots into the run directory at the end of the run
     for name in ("accuracy_vs_time.png", "accuracy_vs_rounds.png", "arms.png"):
         assert (smoke_run / name).read_bytes()[:8] == PNG_MAGIC

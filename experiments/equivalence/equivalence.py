@@ -29,6 +29,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 WALL_CLOCK = ("wall_time",)
+# fields added after the golden files were written (the two-tier model's per-tier split)
+NEW_FIELDS = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes_down",
+              "time_compute", "time_edge", "time_cloud")
 PROBE_FIELDS = ("loss_before", "loss_after")
 ALGORITHMS = ("hierfedlora", "hierfedlora_random_groups", "hierfedlora_fixed", "hierfedlora_full_depth",
               "fedlora", "hetlora")
@@ -44,6 +47,7 @@ CONFIGS = {
                             "validation": str(ROOT / "experiments/data/tiny_sentiment_validation.csv"),
                             "text_a": "text", "label": "sentiment"}},
         "partition": {"num_devices": 8, "method": "dirichlet", "alpha": 0.5, "min_samples": 5},
+        "devices": {"two_tier": False},   # the golden files predate the two-tier link model
         "train": {"rounds": 4, "local_steps": 3, "batch_size": 8, "lr": 0.003, "eval_every": 1,
                   "eval_batch_size": 64},
         "algorithm": {"num_groups": 2, "depths": [2, 4], "taus": [1, 2], "hetlora": {"ranks": [1, 2, 4]},
@@ -57,7 +61,7 @@ CONFIGS = {
         "data": {"task": "sst2", "data_dir": str((ROOT / "../shared/data/glue").resolve()), "max_length": 32,
                  "train_subset": 2000, "eval_subset": 218},
         "partition": {"num_devices": 16, "method": "dirichlet", "alpha": 0.1, "min_samples": 0},
-        "devices": {"tiers": ["tx2", "nx", "agx", "orin"], "bandwidth_jitter": 0.5},
+        "devices": {"tiers": ["tx2", "nx", "agx", "orin"], "bandwidth_jitter": 0.5, "two_tier": False},
         "train": {"rounds": 3, "local_steps": 5, "batch_size": 16, "optimizer": "adamw", "lr": 0.001,
                   "eval_every": 1, "eval_batch_size": 218},
         "algorithm": {"num_groups": 4, "depths": [1, 3, 6], "taus": [1, 2], "fixed_depth": 3, "fixed_tau": 2,
@@ -70,7 +74,7 @@ CONFIGS = {
 
 def strip(line: str) -> str:
     rec = json.loads(line)
-    for k in WALL_CLOCK:
+    for k in WALL_CLOCK + NEW_FIELDS:
         rec.pop(k, None)
     return json.dumps(rec, sort_keys=True)
 

@@ -12,11 +12,16 @@ below is our reconstruction (see docs/algorithm.md, "## Grouping"):
 
     J(g) = sum_k (n_k / n) * KL(q_k || q)
            + lam * sum_k (m_k / N) * std_{i in k}(log s_i)
+           + balance * sum_k K * (n_k / n - 1 / K)^2
 
 with n_k the samples and m_k the devices of group k, q_k the group's pooled
 label distribution, q the global one (both epsilon-smoothed, ``KL_EPS``) and
 s_i the device speeds. The data term is the mutual information between the
-group index and the label (up to smoothing).
+group index and the label (up to smoothing). The optional sample-balance term
+(``balance``, config ``algorithm.sample_balance``; 0 by default = the paper's
+objective) keeps groups from differing much in samples: on skewed partitions the
+data term alone can put most samples in one group (group sizes bound devices, not
+samples). It is K times the squared deviation of each group's sample share from 1/K.
 
 All functions are pure: they take explicit seeds and return new arrays.
 """
@@ -74,6 +79,13 @@ def _data_term(counts: np.ndarray, q: np.ndarray, n_total: float) -> np.ndarray:
   if n_total <= 0:
     return np.zeros(counts.shape[:-1])
   return counts.sum(axis=-1) / n_total * _kl_rows(counts, q)
+
+
+def _balance_term(counts: np.ndarray, n_total: float, k: int) -> np.ndarray:
+  """K * (n_k / n - 1 / K)^2 per group; counts [..., C] -> [...]."""
+  if n_total <= 0:
+    return np.zeros(counts.shape[:-1])
+  return k * (counts.sum(axis=-1) / n_total - 1.0 / k) ** 2
 
 
 def _speed_term(sizes, s1, s2, n_devices: int) -> np.ndarray:
@@ -159,7 +171,7 @@ def _check_bounds(min_size, max_size, n: int, k: int) -> tuple[int, int]:
 
 def grouping_objective(label_counts: np.ndarray, assignment: np.ndarray, *,
                        speeds: np.ndarray | None = None, lam: float = 0.0,
-                       num_groups: int | None = None) -> float:
+                       balance: float = 0.0, num_groups: int | None = None) -> float:
   """The grouping objective J (module docstring) of an assignment.
 
   Args:
@@ -167,19 +179,20 @@ def grouping_objective(label_counts: np.ndarray, assignment: np.ndarray, *,
     assignment: [N] int group index in [0, K).
     speeds: [N] positive device speeds (e.g. samples/s); None = all equal.
     lam: weight of the speed-spread term (config ``grouping.lam``).
+    balance: weight of the sample-balance term.
     num_groups: K; default ``assignment.max() + 1``.
 
   Returns:
     J as a python float.
   """
   rep = group_report(label_counts, assignment, speeds=speeds, lam=lam,
-                     num_groups=num_groups)
+                     balance=balance, num_groups=num_groups)
   return rep["objective"]
 
 
 def group_report(label_counts: np.ndarray, assignment: np.ndarray,
                  speeds: np.ndarray | None = None, *, lam: float = 0.0,
-                 num_groups: int | None = None) -> dict:
+                 balance: float = 0.0, num_groups: int | None = None) -> dict:
   """Per-group diagnostics of an assignment.
 
   Args:
@@ -194,8 +207,9 @@ def group_report(label_counts: np.ndarray, assignment: np.ndarray,
     ``kl`` [K] (KL(q_k || q), 0 for groups without samples),
     ``speed_spread`` [K] (std of log-speed, 0 if ``speeds`` is None) and
     floats ``mean_kl`` (unweighted mean over groups), ``data_objective``
-    (sum_k n_k/n KL_k), ``speed_objective`` (sum_k m_k/N spread_k) and
-    ``objective`` (= data + lam * speed).
+    (sum_k n_k/n KL_k), ``speed_objective`` (sum_k m_k/N spread_k),
+    ``balance_objective`` (sum_k K (n_k/n - 1/K)^2) and
+    ``objective`` (= data + lam * speed + balance * balance_objective).
   """
   x = _check_counts(label_counts)
   n = x.shape[0]
@@ -216,6 +230,7 @@ def group_report(label_counts: np.ndarray, assignment: np.ndarray,
   safe = np.maximum(st.sizes, 1)
   spread = np.sqrt(np.maximum(st.s2 / safe - (st.s1 / safe) ** 2, 0.0))
   speed = float(spread_w.sum())
+  bal = float(_balance_term(st.counts, n_total, k).sum())
   return {
       "sizes": st.sizes,
       "samples": st.counts.sum(axis=1),
@@ -224,7 +239,8 @@ def group_report(label_counts: np.ndarray, assignment: np.ndarray,
       "mean_kl": float(kl.mean()),
       "data_objective": data,
       "speed_objective": speed,
-      "objective": data + float(lam) * speed,
+      "balance_objective": bal,
+      "objective": data + float(lam) * speed + float(balance) * bal,
   }
 
 
@@ -240,6 +256,7 @@ def random_groups(num_devices: int, num_groups: int, seed: int = 0
 
 def group_devices(label_counts: np.ndarray, num_groups: int, *,
                   speeds: np.ndarray | None = None, lam: float = 0.0,
+                  balance: float = 0.0,
                   min_size: int | None = None, max_size: int | None = None,
                   max_iters: int = 100, seed: int = 0) -> np.ndarray:
   """Groups devices so each group is near-IID and speed-homogeneous.
@@ -267,6 +284,7 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
     num_groups: K, 1 <= K <= N.
     speeds: [N] positive device speeds; None = all equal (no speed term).
     lam: weight of the speed spread (config ``grouping.lam``); 0 = pure data.
+    balance: weight of the sample-balance term (config ``algorithm.sample_balance``).
     min_size: smallest group (``grouping.min_size``); default floor(N/K).
     max_size: largest group (``grouping.max_size``); default ceil(N/K).
     max_iters: maximum refinement sweeps.
@@ -285,7 +303,7 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
   lo, hi = _check_bounds(min_size, max_size, n, k)
   if k == 1:
     return np.zeros(n, np.int64)
-  lam = float(lam)
+  lam, balance = float(lam), float(balance)
   rng = np.random.default_rng(seed)
   q = _global_dist(x)
   n_total = float(x.sum())
@@ -294,6 +312,8 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
     out = _data_term(counts, q, n_total)
     if lam != 0.0:
       out = out + lam * _speed_term(sizes, s1, s2, n)
+    if balance != 0.0:
+      out = out + balance * _balance_term(counts, n_total, k)
     return out
 
   # 1-2. Seed with the most skewed devices, then greedy fill. Sample-weighted

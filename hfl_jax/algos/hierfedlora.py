@@ -33,9 +33,10 @@ def default_depths(num_layers: int) -> tuple[int, ...]:
 
 
 def kl_groups(acfg):
-    """Greedy K-means on label KL (plus ``lam`` x speed spread) into ``acfg.num_groups`` groups."""
+    """Greedy K-means on label KL (plus ``lam`` x speed spread and ``sample_balance`` x sample
+    imbalance) into ``acfg.num_groups`` groups."""
     return lambda label_counts, speeds, seed: grouping_lib.group_devices(
-        label_counts, acfg.num_groups, speeds=speeds, lam=acfg.lam, seed=seed)
+        label_counts, acfg.num_groups, speeds=speeds, lam=acfg.lam, balance=acfg.sample_balance, seed=seed)
 
 
 def random_groups_of(acfg):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
+from hfl_jax.report import TIER_BYTES, TIER_TIMES
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
@@ -182,6 +183,15 @@ def round_time(costs: list) -> float:
     return global_round_time([c["time"] for c in costs])
 
 
+def tier_record(costs: list) -> dict:
+    """The round's traffic per tier (summed over groups) and its time split into compute,
+    device-edge and cloud seconds along the slowest group's critical path."""
+    out = {k: float(sum(c[k] for c in costs)) for k in TIER_BYTES}
+    slowest = max(costs, key=lambda c: c["time"], default=None)
+    out.update({k: float(slowest[k]) if slowest else 0.0 for k in TIER_TIMES})
+    return out
+
+
 def finish_round(state: AlgoState, trainable: Any, costs: list, groups: list, dropped: list,
                  **changes) -> tuple[AlgoState, dict]:
     """The next state (clock advanced by the slowest group, traffic added) and the round's record.
@@ -196,5 +206,5 @@ def finish_round(state: AlgoState, trainable: Any, costs: list, groups: list, dr
                               sim_time=state.sim_time + seconds, bytes_up=state.bytes_up + up,
                               bytes_down=state.bytes_down + down, **changes)
     record = {"round": new.round, "round_time": seconds, "sim_time": new.sim_time, "bytes_up": up,
-              "bytes_down": down, "groups": groups, "dropped_devices": sorted(dropped)}
+              "bytes_down": down, **tier_record(costs), "groups": groups, "dropped_devices": sorted(dropped)}
     return new, record

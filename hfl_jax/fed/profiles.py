@@ -33,6 +33,13 @@ OS_RESERVED = 2 * GiB
 
 PROFILE_FIELDS = ("name", "flops", "up_bw", "down_bw", "memory")
 NUMERIC_FIELDS = ("flops", "up_bw", "down_bw", "memory")
+# Optional fields: the device's own path to the cloud (WAN), used by algorithms whose devices
+# talk to the cloud directly (FedLoRA, HetLoRA, ...). Absent: CLOUD_LINK_FRACTION x the LAN link.
+OPTIONAL_FIELDS = ("cloud_up_bw", "cloud_down_bw")
+# Assumption: a device-cloud path (access network + WAN to a cloud region) sustains a quarter of the
+# device's link to a nearby edge server (hierarchical-FL papers, e.g. Liu et al., "Client-Edge-Cloud
+# Hierarchical Federated Learning", ICC 2020, model cloud links as several times slower than edge links).
+CLOUD_LINK_FRACTION = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +49,11 @@ class DeviceProfile:
     Attributes:
         name: tier or device name, e.g. "tx2".
         flops: sustained training throughput in FLOP/s (float32).
-        up_bw: uplink bandwidth, bytes/s (device -> server).
-        down_bw: downlink bandwidth, bytes/s (server -> device).
+        up_bw: uplink bandwidth, bytes/s (device -> edge server, the LAN tier).
+        down_bw: downlink bandwidth, bytes/s (edge server -> device).
         memory: memory available for training, bytes.
+        cloud_up_bw, cloud_down_bw: the device's direct path to the cloud (WAN), bytes/s;
+            None: ``CLOUD_LINK_FRACTION`` x ``up_bw`` / ``down_bw``.
     """
 
     name: str
@@ -52,6 +61,8 @@ class DeviceProfile:
     up_bw: float
     down_bw: float
     memory: float
+    cloud_up_bw: float | None = None
+    cloud_down_bw: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -64,6 +75,15 @@ class DeviceProfile:
                 raise ValueError(f"DeviceProfile {self.name!r}: {field}={raw!r} is not a number") from None
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"DeviceProfile {self.name!r}: {field} must be positive and finite, got {raw!r}")
+            object.__setattr__(self, field, value)
+        for field, lan in zip(OPTIONAL_FIELDS, ("up_bw", "down_bw")):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, CLOUD_LINK_FRACTION * getattr(self, lan))
+        for field in OPTIONAL_FIELDS:
+            value = float(getattr(self, field))
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"DeviceProfile {self.name!r}: {field} must be positive and finite, "
+                                 f"got {getattr(self, field)!r}")
             object.__setattr__(self, field, value)
 
 
@@ -160,7 +180,9 @@ def draw_profiles(
     out = []
     for i, k in enumerate(picks):
         base = _lookup(names[k], table)
-        out.append(dataclasses.replace(base, up_bw=base.up_bw * jitter[i, 0], down_bw=base.down_bw * jitter[i, 1]))
+        out.append(dataclasses.replace(base, up_bw=base.up_bw * jitter[i, 0], down_bw=base.down_bw * jitter[i, 1],
+                                       cloud_up_bw=base.cloud_up_bw * jitter[i, 0],
+                                       cloud_down_bw=base.cloud_down_bw * jitter[i, 1]))
     return out
 
 
@@ -168,10 +190,10 @@ def profiles_to_arrays(profiles: Sequence[DeviceProfile]) -> dict[str, np.ndarra
     """Stacks profiles into arrays for vectorised time models.
 
     Returns:
-        {"name": str [N], "flops", "up_bw", "down_bw", "memory": float64 [N]}.
+        {"name": str [N], "flops", "up_bw", "down_bw", "memory", "cloud_up_bw", "cloud_down_bw": float64 [N]}.
     """
     out = {"name": np.asarray([p.name for p in profiles], dtype=str)}
-    for field in NUMERIC_FIELDS:
+    for field in NUMERIC_FIELDS + OPTIONAL_FIELDS:
         out[field] = np.asarray([getattr(p, field) for p in profiles], dtype=np.float64)
     return out
 
@@ -179,12 +201,12 @@ def profiles_to_arrays(profiles: Sequence[DeviceProfile]) -> dict[str, np.ndarra
 def _from_fields(row: Mapping[str, Any], table: Mapping[str, DeviceProfile], where: str) -> DeviceProfile:
     """A profile from a full row, or from a tier (`tier` or known `name`) plus overrides."""
     row = dict(row)
-    unknown = set(row) - set(PROFILE_FIELDS) - {"tier", "count"}
+    unknown = set(row) - set(PROFILE_FIELDS) - set(OPTIONAL_FIELDS) - {"tier", "count"}
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {PROFILE_FIELDS} (+ tier, count)")
     tier = row.pop("tier", None)
     row.pop("count", None)
-    if tier is None and row.get("name") in table and set(row) != set(PROFILE_FIELDS):
+    if tier is None and row.get("name") in table and not set(PROFILE_FIELDS) <= set(row):
         tier = row["name"]
     if tier is not None:
         base = dataclasses.asdict(_lookup(str(tier), table))
@@ -242,7 +264,7 @@ def _load_csv(path: str) -> list[DeviceProfile]:
         for i, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             try:
-                out.append(DeviceProfile(**{k: row[k] for k in PROFILE_FIELDS}))
+                out.append(DeviceProfile(**{k: row[k] for k in PROFILE_FIELDS + OPTIONAL_FIELDS if row.get(k, "") != ""}))
             except ValueError as e:
                 raise ValueError(f"{path}: line {i}: {e}") from None
         return out
