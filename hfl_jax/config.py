@@ -57,6 +57,13 @@ class DataConfig:
     train_subset: Optional[int] = None  # use a seeded random subset of this many training examples
     eval_subset: Optional[int] = None
     custom: Optional[dict] = None       # CustomSpec fields for task == custom
+    # Tuning protocol: carve this many examples out of the training split as a validation set,
+    # always with data.validation_seed (the same carve for every run seed and method) and never
+    # trained on; evaluate: "validation" scores every round on it (tune hyperparameters there),
+    # "test" on the task's evaluation split (GLUE dev, a custom test file: final reports only).
+    validation_size: int = 0
+    validation_seed: int = 0
+    evaluate: str = "test"              # test | validation
     # Exact speed-up: each group's device data (and the eval set) is cut to the smallest length
     # bucket >= its longest real sequence (trailing all-padding columns only; results unchanged up
     # to float reordering). Groups may then differ in T: one compilation per (depth, T).
@@ -124,6 +131,9 @@ class BanditConfig:
     nu: float = 0.5
     time_budget: Optional[float] = None   # per-global-round simulated time budget (s); None = none
     time_budget_factor: Optional[float] = None   # auto budget: factor x median estimated arm time, per group
+    # Examples each device holds out of training to score the probe on (at most a quarter of its
+    # data); 0: the probe scores the devices' training examples (the behaviour of earlier versions).
+    probe_holdout: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +332,12 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.num_groups <= p.num_devices, "algorithm.num_groups",
              f"{a.num_groups} groups exceed partition.num_devices={p.num_devices}")
     _require(a.lam >= 0, "algorithm.lam", "must be >= 0")
+    _require(cfg.data.validation_size >= 0, "data.validation_size", f"must be >= 0, got {cfg.data.validation_size}")
+    _require(cfg.data.evaluate in ("test", "validation"), "data.evaluate",
+             f"must be 'test' or 'validation', got {cfg.data.evaluate!r}")
+    _require(cfg.data.evaluate == "test" or cfg.data.validation_size > 0, "data.evaluate",
+             "'validation' needs data.validation_size > 0 (the examples carved from the training split)")
+    _require(a.bandit.probe_holdout >= 0, "algorithm.bandit.probe_holdout", f"must be >= 0, got {a.bandit.probe_holdout}")
     _require(math.isfinite(a.sample_balance) and a.sample_balance >= 0, "algorithm.sample_balance",
              f"must be a finite number >= 0, got {a.sample_balance}")
     _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", "must be a non-empty list of ints >= 1")

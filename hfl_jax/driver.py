@@ -24,8 +24,8 @@ from hfl_jax import algos
 from hfl_jax import checkpoint as ckpt
 from hfl_jax.algos import AlgoState, FedAlgorithm
 from hfl_jax.algos import grouping as grouping_lib
-from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROFILES, SALT_SUBSET,
-                                  round_key)
+from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROBE_HOLDOUT, SALT_PROFILES,
+                                  SALT_SUBSET, SALT_VALIDATION, round_key)
 from hfl_jax.config import ExperimentConfig, load_config, to_dict
 from hfl_jax.fed.cost import Workload
 from hfl_jax.fed.device_axis import DeviceAxis, make_mesh
@@ -79,23 +79,45 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
     return model, params
 
 
+def training_rows(cfg: ExperimentConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train rows, validation rows)`` of a training split of ``n`` examples: the validation set
+    (``data.validation_size``, drawn with ``data.validation_seed`` only, so every run seed and
+    method shares it) comes out first; the seeded ``data.train_subset`` is drawn from the rest."""
+    d = cfg.data
+    if d.validation_size >= n:
+        raise ValueError(f"data.validation_size={d.validation_size} leaves nothing to train on "
+                         f"(the training split has {n} examples)")
+    valid = np.sort(np.random.default_rng([d.validation_seed, SALT_VALIDATION]).choice(
+        n, d.validation_size, replace=False)) if d.validation_size else np.zeros(0, np.int64)
+    pool = np.setdiff1d(np.arange(n), valid)
+    subset = d.train_subset
+    if subset is not None and subset < len(pool):
+        pool = pool[np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 0]).choice(len(pool), subset, replace=False))]
+    return pool, valid
+
+
 def load_data(cfg: ExperimentConfig):
-    """Tokenized train and validation arrays (seeded subsets if configured) and the label names."""
+    """Tokenized train and evaluation arrays (seeded subsets if configured) and the label names.
+    The evaluation set is the task's evaluation split, or with ``data.evaluate: validation`` the
+    validation set carved from the training split (:func:`training_rows`)."""
     from hfl_jax.data import load_task, tokenize_dataset
 
     d = cfg.data
     tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
-    out = []
-    for split, subset in (("train", d.train_subset), ("validation", d.eval_subset)):
-        ds = load_task(d.task, split, data_dir=d.data_dir, custom=d.custom)
-        tok = tokenize_dataset(ds, tokenizer, d.max_length)
-        if subset is not None and subset < len(tok["labels"]):
-            idx = np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 0 if split == "train" else 1]).choice(
-                len(tok["labels"]), subset, replace=False))
-            tok = {k: v[idx] for k, v in tok.items()}
-        out.append(tok)
-        label_names = ds.label_names
-    return out[0], out[1], label_names
+    ds = load_task(d.task, "train", data_dir=d.data_dir, custom=d.custom)
+    tok = tokenize_dataset(ds, tokenizer, d.max_length)
+    rows, valid_rows = training_rows(cfg, len(tok["labels"]))
+    train = {k: v[rows] for k, v in tok.items()}
+    if d.evaluate == "validation":
+        evals = {k: v[valid_rows] for k, v in tok.items()}
+    else:
+        evals = tokenize_dataset(load_task(d.task, "validation", data_dir=d.data_dir, custom=d.custom),
+                                 tokenizer, d.max_length)
+    if d.eval_subset is not None and d.eval_subset < len(evals["labels"]):
+        idx = np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 1]).choice(
+            len(evals["labels"]), d.eval_subset, replace=False))
+        evals = {k: v[idx] for k, v in evals.items()}
+    return train, evals, ds.label_names
 
 
 def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -109,6 +131,20 @@ def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndar
     params = inspect.signature(PARTITIONERS[p.method]).parameters
     kw = {k: v for k, v in dataclasses.asdict(p).items() if k in params and k not in ("num_devices", "seed")}
     return partition(labels, p.num_devices, p.method, sub_seed(cfg.seed, SALT_PARTITION), **kw)
+
+
+def split_probe_holdout(parts: list, per_device: int, seed: int) -> tuple[list, list]:
+    """``(training parts, probe parts)``: each device holds ``min(per_device, n_i // 4)`` of its
+    ``n_i`` examples (drawn with ``seed``) out of training for the bandit's probe."""
+    rng = np.random.default_rng([seed, SALT_PROBE_HOLDOUT])
+    train, probe = [], []
+    for p in parts:
+        p = np.asarray(p)
+        held = np.zeros(len(p), bool)
+        held[rng.choice(len(p), min(per_device, len(p) // 4), replace=False)] = True
+        train.append(p[~held])
+        probe.append(p[held])
+    return train, probe
 
 
 def device_profiles(cfg: ExperimentConfig) -> dict:
@@ -207,7 +243,10 @@ def build(cfg: ExperimentConfig) -> Experiment:
     num_groups = int(assignment.max()) + 1
     mesh = make_mesh() if (cfg.train.shard and len(jax.devices()) > 1) else None
     axis = DeviceAxis(mesh, cfg.train.chunk_size)
-    data = make_device_data(train, parts)
+    train_parts, probe_parts = parts, None
+    if algorithm.probes and cfg.algorithm.bandit.probe_holdout:
+        train_parts, probe_parts = split_probe_holdout(parts, cfg.algorithm.bandit.probe_holdout, cfg.seed)
+    data = make_device_data(train, train_parts)
     slots = _slots(assignment, num_groups, axis)
     key = jax.random.PRNGKey(cfg.seed)
     base = base_of(params)
@@ -220,6 +259,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
                              f"{model.num_layers} = every layer, so no layer is frozen for all arms; turn it off "
                              f"or use a depth grid below {model.num_layers}")
     prepare = _data_preparer(cfg, model, base, cached)
+    probe_data = make_device_data(train, probe_parts) if probe_parts is not None else None
     lora = init_lora(jax.random.fold_in(key, SALT_LORA_INIT), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
     if cached:
@@ -230,7 +270,10 @@ def build(cfg: ExperimentConfig) -> Experiment:
               group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots),
               counts=np.asarray(data.counts), profiles=profiles, axis=axis, optimizer=make_optimizer(cfg),
               workload=workload(cfg), key=key, seed=cfg.seed, n_max=data.n_max,
-              participation=cfg.train.participation, availability=cfg.train.availability)
+              participation=cfg.train.participation, availability=cfg.train.availability,
+              probe_data=None if probe_data is None else tuple(
+                  axis.put(_group_data(probe_data, s, prepare)) for s in slots),
+              probe_n_max=0 if probe_data is None else probe_data.n_max)
     initial = algorithm.init(env, key)
     eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
     return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, train["labels"], initial)

@@ -276,9 +276,18 @@ def test_selector_auto_budget():
   st = sel.init(1)
   for _ in range(6):
     arm, rec = sel.select(st, 0, lambda: (mem_ok, est), rng)
-    assert rec["time_budget"] == 2.0 and arm in (0, 1)
+    assert rec["time_budget"] == 2.0 and rec["over_budget"] == 1 and arm in (0, 1)
     st, _ = sel.update(st, 0, arm, Feedback(est[arm], 2.0, 1.9, round_time=2.0,
                                             budget=rec["time_budget"]))
+
+
+def test_random_arm_control_obeys_the_same_budget():
+  from hfl_jax.algos.selectors import RandomArm
+  sel = RandomArm(4, time_budget_factor=1.0)
+  est, mem_ok = np.array([1.0, 2.0, 3.0, 10.0]), np.array([True, True, True, False])
+  rng = np.random.default_rng(0)
+  arms = [sel.select((), 0, lambda: (mem_ok, est), rng)[0] for _ in range(40)]
+  assert set(arms) == {0, 1}   # uniform over the arms within budget; the over-budget and too-big ones never
 
 
 def test_bandit_config_keys():

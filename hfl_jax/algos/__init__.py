@@ -13,6 +13,7 @@ ALGORITHMS = {
     "hierfedlora_random_groups": hierfedlora.build_random_groups,
     "hierfedlora_fixed": hierfedlora.build_fixed,
     "hierfedlora_full_depth": hierfedlora.build_full_depth,
+    "hierfedlora_random_arm": hierfedlora.build_random_arm,
     "fedlora": fedlora.build,
     "hetlora": hetlora.build,
     "ffa_lora": ffa_lora.build,

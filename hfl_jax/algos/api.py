@@ -40,3 +40,4 @@ class FedAlgorithm(NamedTuple):
     group: Callable[..., np.ndarray]    # (label_counts [N, C], speeds [N], seed) -> [N] group ids
     init: Callable[..., AlgoState]      # (env, key) -> state
     round: Callable[..., tuple]         # (env, state, key) -> (state, record)
+    probes: bool = False                # scores a probe (then the driver may hold examples out for it)

@@ -20,7 +20,7 @@ from hfl_jax.algos import grouping as grouping_lib
 from hfl_jax.algos import stages
 from hfl_jax.algos.api import AlgoState, FedAlgorithm
 from hfl_jax.algos.rucb import make_arms
-from hfl_jax.algos.selectors import RUCB, Feedback, FixedArm
+from hfl_jax.algos.selectors import RUCB, Feedback, FixedArm, RandomArm
 
 
 def default_depths(num_layers: int) -> tuple[int, ...]:
@@ -90,7 +90,7 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
         trainable = stages.global_aggregate(state.trainable, results)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
-    return FedAlgorithm(name, tuple(sorted(set(arm_depths.tolist()))), group, init, round_)
+    return FedAlgorithm(name, tuple(sorted(set(arm_depths.tolist()))), group, init, round_, probes=selector.probes)
 
 
 def _grid(acfg, num_layers):
@@ -125,6 +125,16 @@ def build_random_groups(cfg, num_layers: int) -> FedAlgorithm:
 def build_full_depth(cfg, num_layers: int) -> FedAlgorithm:
     """Ablation: KL groups, every group at full depth, R-UCB over tau only."""
     return _bandit("hierfedlora_full_depth", cfg.algorithm, kl_groups(cfg.algorithm), (num_layers,))
+
+
+def build_random_arm(cfg, num_layers: int) -> FedAlgorithm:
+    """Control: KL groups, a uniformly random arm of the same grid and budgets every round (no bandit)."""
+    acfg = cfg.algorithm
+    arm_depths, arm_taus = make_arms(_grid(acfg, num_layers), acfg.taus)
+    b = acfg.bandit
+    selector = RandomArm(len(arm_depths), time_budget=b.time_budget, time_budget_factor=b.time_budget_factor)
+    return hierarchical("hierfedlora_random_arm", group=kl_groups(acfg), selector=selector, arm_depths=arm_depths,
+                        arm_taus=arm_taus)
 
 
 def build_fixed(cfg, num_layers: int) -> FedAlgorithm:

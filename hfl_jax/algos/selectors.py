@@ -40,6 +40,19 @@ def _feasible_or_cheapest(arm_costs) -> tuple[np.ndarray, dict]:
     return est == est.min(), {"infeasible_fallback": True}
 
 
+def budgeted_arms(arm_costs, factor: float | None) -> tuple[np.ndarray, dict]:
+    """The arms a selector may pull: :func:`_feasible_or_cheapest` after the automatic time budget
+    (``factor`` x the median estimated time of the memory- and ``time_budget``-feasible arms).
+    The record carries the budget and how many of those arms it excluded (``over_budget``)."""
+    ok, est = arm_costs()
+    if factor is None or not ok.any():
+        return _feasible_or_cheapest(lambda: (ok, est))
+    budget = factor * float(np.median(est[ok]))
+    within = ok & (est <= budget)
+    arms, rec = _feasible_or_cheapest(lambda: (within, est))
+    return arms, dict(rec, time_budget=budget, over_budget=int((ok & ~within).sum()))
+
+
 @dataclasses.dataclass(frozen=True)
 class FixedArm:
     """Always arm 0 (the algorithm's arm grid holds one arm)."""
@@ -58,16 +71,18 @@ class FixedArm:
 
 @dataclasses.dataclass(frozen=True)
 class RandomArm:
-    """A uniformly random feasible arm every round (no learning): the control for R-UCB."""
+    """A uniformly random feasible arm every round (no learning): the control for R-UCB, under the
+    same budgets (``time_budget`` seconds, ``time_budget_factor`` as :class:`RUCB`'s)."""
     num_arms: int
     time_budget: float | None = None   # per-round seconds; arms estimated above it are infeasible
+    time_budget_factor: float | None = None
     probes = False
 
     def init(self, num_groups: int):
         return ()
 
     def select(self, state, k, arm_costs, rng):
-        ok, rec = _feasible_or_cheapest(arm_costs)
+        ok, rec = budgeted_arms(arm_costs, self.time_budget_factor)
         return int(rng.choice(np.flatnonzero(ok))), rec
 
     def update(self, state, k, arm, feedback: Feedback):
@@ -134,19 +149,8 @@ class RUCB:
     def init(self, num_groups: int) -> RUCBSelectorState:
         return RUCBSelectorState(tuple(self.bandit.init() for _ in range(num_groups)), np.zeros(num_groups))
 
-    def _costs(self, arm_costs):
-        """``arm_costs`` with the automatic time budget applied; the budget (or None)."""
-        ok, est = arm_costs()
-        if self.time_budget_factor is None or not ok.any():
-            return (lambda: (ok, est)), None
-        budget = self.time_budget_factor * float(np.median(est[ok]))
-        return (lambda: (ok & (est <= budget), est)), budget
-
     def select(self, state: RUCBSelectorState, k, arm_costs, rng):
-        costs, budget = self._costs(arm_costs)
-        ok, rec = _feasible_or_cheapest(costs)
-        if budget is not None:
-            rec = dict(rec, time_budget=budget)
+        ok, rec = budgeted_arms(arm_costs, self.time_budget_factor)
         arm, info = self.bandit.select(state.bandits[k], ok, seed=int(rng.integers(2**31)))
         extra = {"greedy": info["greedy"]} if "greedy" in info else {}
         # the pull's full log: UCB index per arm (None: unplayed or infeasible)

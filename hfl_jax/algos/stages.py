@@ -30,6 +30,7 @@ PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training k
 # Salts that give every purpose its own random stream (shared with hfl_jax.driver).
 SALT_ROUNDS, SALT_PARTICIPATION, SALT_LORA_INIT = 1, 2, 3
 SALT_PARTITION, SALT_PROFILES, SALT_GROUPS, SALT_SUBSET = 11, 12, 13, 14
+SALT_PROBE_HOLDOUT, SALT_VALIDATION = 15, 16
 
 
 def round_key(env: Env, round_: int) -> jax.Array:
@@ -143,9 +144,13 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
 
 def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
     """Mean loss of ``trainable`` over one batch per present device of group ``g``, drawn with the
-    group's probe key (the same batches before and after training): the bandit's progress signal."""
-    fn = make_probe(env.model, env.workload.batch_size, env.n_max, env.axis)
-    loss, n = fn(trainable, env.base, env.group_data[g.k], _device_ids(env, g), jax.random.fold_in(key, PROBE_SALT))
+    group's probe key (the same batches before and after training): the bandit's progress signal.
+    Scored on the devices' held-out probe examples when the run holds some out
+    (``algorithm.bandit.probe_holdout``), else on their training examples."""
+    held_out = env.probe_data is not None
+    data = env.probe_data[g.k] if held_out else env.group_data[g.k]
+    fn = make_probe(env.model, env.workload.batch_size, env.probe_n_max if held_out else env.n_max, env.axis)
+    loss, n = fn(trainable, env.base, data, _device_ids(env, g), jax.random.fold_in(key, PROBE_SALT))
     pw = np.asarray(n) * g.present
     return float((np.asarray(loss) * pw).sum() / max(pw.sum(), 1))
 

@@ -37,6 +37,8 @@ class Env:
     n_max: int                         # most examples any device holds
     participation: float = 1.0         # fraction of each group sampled per round
     availability: float = 1.0          # probability that a sampled device is available
+    probe_data: tuple | None = None    # per group: DeviceData of the devices' held-out probe examples (or None)
+    probe_n_max: int = 0               # most probe examples any device holds
 
     @property
     def num_groups(self) -> int:
