@@ -1,4 +1,4 @@
-"""``hfl-jax`` command line: run, resume, report, partition (also ``python -m hfl_jax``)."""
+"""``hfl-jax`` command line: run, resume, report, partition, sweep (also ``python -m hfl_jax``)."""
 from __future__ import annotations
 
 import argparse
@@ -141,6 +141,33 @@ def cmd_resume(args) -> int:
     return _train(args, lambda progress: driver.resume(out, progress=progress), out)
 
 
+def cmd_sweep(args) -> int:
+    from hfl_jax import study_report, sweep
+    from hfl_jax.config import ConfigError
+
+    try:
+        study = sweep.load_study(args.study)
+    except ConfigError as e:
+        return _fail(str(e))
+
+    def notify(status, run, i, n):
+        verb = {"done": "skip  ", "partial": "resume", "new": "run   "}[status]
+        what = f"{run.stage} {i + 1}/{n}: {run.setting} / {run.method} / seed {run.seed}"
+        value = "" if run.value is None else f" / {study.tune.key}={run.value}"
+        print(f"{verb} {what}{value}  ({run.out.relative_to(study.out)})", flush=True)
+
+    if not args.report_only:
+        sweep.sweep(study, notify=notify, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    text = study_report.study_report(study)
+    path = study.out / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from hfl_jax import report
 
@@ -242,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=".", help="directory for the PNG plots (default: current directory)")
     t.set_defaults(fn=cmd_report)
 
+    w = sub.add_parser("sweep", help="run a study (methods x settings x seeds, tuned on a validation split)",
+                       description="Run every run of a study file that is not finished (finished runs are "
+                                   "skipped, interrupted ones resumed), then write <out>/report.md. See README, "
+                                   "'Studies'.")
+    w.add_argument("study", help="study YAML file (e.g. experiments/studies/sst2.yaml)")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    w.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
+    w.set_defaults(fn=cmd_sweep)
+
     q = sub.add_parser("partition", help="show and save the data partition and groups without training",
                        description="Build the partition and groups of a config; print per-group KL and sizes; "
                                    "save partition.png (label heat map, KL per device) and partition.json.")
@@ -277,7 +313,7 @@ def main(argv=None) -> int:
         code = start_processes(args, os.environ)
         if code:
             return code
-    if args.command in ("run", "resume", "partition"):
+    if args.command in ("run", "resume", "partition", "sweep"):
         enable_compilation_cache()
     try:
         return args.fn(args)

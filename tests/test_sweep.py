@@ -1,0 +1,81 @@
+"""``hfl-jax sweep``: a tiny study end to end (tuning on the validation split, final runs, report),
+then a rerun that skips every run and rewrites the report byte for byte; an interrupted run resumes."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hfl_jax import cli, sweep
+from hfl_jax.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path: Path, **extra) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "base": str(ROOT / "experiments/configs/smoke.yaml"),
+        "data": {"validation_size": 40},
+        "train": {"rounds": 2, "local_steps": 2},
+        "checkpoint": {"every": 1, "keep": 1}}))
+    spec = {"name": "tiny", "base": "base.yaml", "out": "study", "seeds": [0, 1], "reference": "hierfedlora",
+            "targets": [0.5, 0.99], "tune": {"key": "train.lr", "grid": [0.003, 0.01], "seeds": [0], "last": 1},
+            "methods": {"hierfedlora": {}, "fedlora": {"set": {"algorithm.name": "fedlora"}},
+                        "fedlora_at_hier_lr": {"set": {"algorithm.name": "fedlora"}, "lr_from": "hierfedlora",
+                                               "seeds": [0]}},
+            **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_runs_skips_and_rewrites_the_report_identically(tmp_path, capsys):
+    path = _study(tmp_path)
+    assert cli.main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run    tune") == 4 and out.count("run    final") == 5
+    study = sweep.load_study(path)
+    chosen, scores = sweep.choose(study)
+    assert set(chosen) == {("all", "hierfedlora"), ("all", "fedlora")}
+    # tuning runs read the validation split; final runs the task's evaluation split at the chosen value
+    tune_cfg = yaml.safe_load((study.out / "tune/all/fedlora/train.lr=0.01_s0/config.yaml").read_text())
+    final_cfg = yaml.safe_load((study.out / "runs/all/fedlora_at_hier_lr/s0/config.yaml").read_text())
+    assert tune_cfg["data"]["evaluate"] == "validation" and final_cfg["data"]["evaluate"] == "test"
+    assert final_cfg["train"]["lr"] == chosen[("all", "hierfedlora")]
+    assert final_cfg["algorithm"]["name"] == "fedlora"
+    report = (study.out / "report.md").read_bytes()
+    text = report.decode()
+    assert "### Tuning" in text and "### Paired by seed with `hierfedlora`" in text
+    assert "device-edge (MB)" in text and "5 of 5 final finished" in text
+
+    # a rerun skips every run and writes the same bytes
+    assert cli.main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    verbs = [line.split()[0] for line in out.splitlines() if not line.startswith("wrote")]
+    assert verbs == ["skip"] * 9
+    assert (study.out / "report.md").read_bytes() == report
+
+    # an interrupted run (no summary.json) is resumed, and the report is unchanged
+    (study.out / "runs/all/fedlora/s1/summary.json").unlink()
+    assert cli.main(["sweep", str(path)]) == 0
+    assert "resume final" in capsys.readouterr().out
+    assert (study.out / "report.md").read_bytes() == report
+
+    # a study edited under a finished run is refused, naming the run
+    edited = _study(tmp_path, settings={"all": {"train.local_steps": 3}})
+    assert cli.main(["sweep", str(edited)]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": {}}, "no method"),
+    ({"reference": "nope"}, "reference"),
+    ({"seeds": [0, 0]}, "seeds repeat"),
+    ({"methods": {"a": {"lr_from": "b"}}}, "lr_from"),
+    ({"bogus": 1}, "unknown keys"),
+])
+def test_bad_study_files_are_refused(tmp_path, change, message):
+    path = _study(tmp_path, **change)
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_study(path)
