@@ -280,13 +280,3 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
         return done
     stage(final_runs(study, choose(study)[0] if study.tune else {}))
     return done
-    chosen, _ = choose(study) if study.tune else ({}, {})
-    final = final_runs(study, chosen)
-    for i, run in enumerate(final):
-        cfg = run_config(study, run)
-        status = run_status(run, cfg)
-        notify(status, run, i, len(final))
-        if not dry_run:
-            execute(run, cfg, status)
-        done.append((run, status))
-    return done
