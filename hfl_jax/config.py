@@ -105,6 +105,7 @@ class TrainConfig:
     optimizer: str = "adamw"            # adamw | adam | sgd
     lr: float = 5e-4
     weight_decay: float = 0.0
+    clip_norm: Optional[float] = None   # clip each local step's gradient to this global norm (None: no clipping)
     eval_every: int = 1
     eval_batch_size: int = 128
     target_accuracy: Optional[float] = None   # stop once reached
@@ -307,6 +308,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
         _require(math.isfinite(v), key, f"must be a finite number, got {v}")
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.clip_norm is None or (math.isfinite(t.clip_norm) and t.clip_norm > 0), "train.clip_norm",
+             f"must be a finite number > 0 (or null), got {t.clip_norm}")
     _require(t.time_budget is None or t.time_budget > 0, "train.time_budget", "must be > 0 (seconds)")
     for key, v in [("data.train_subset", cfg.data.train_subset), ("data.eval_subset", cfg.data.eval_subset)]:
         _require(v is None or v >= 1, key, f"must be >= 1, got {v}")

@@ -194,12 +194,16 @@ def _data_preparer(cfg: ExperimentConfig, model, base: dict, cached: int) -> Cal
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
+    """The devices' optimizer (``train.optimizer``), after clipping the gradient's global norm
+    to ``train.clip_norm`` when set."""
     t = cfg.train
     if t.optimizer == "sgd":
-        return optax.sgd(t.lr)
-    if t.optimizer == "adam":
-        return optax.adam(t.lr)
-    return optax.adamw(t.lr, weight_decay=t.weight_decay)
+        opt = optax.sgd(t.lr)
+    elif t.optimizer == "adam":
+        opt = optax.adam(t.lr)
+    else:
+        opt = optax.adamw(t.lr, weight_decay=t.weight_decay)
+    return opt if t.clip_norm is None else optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
 
 
 @dataclasses.dataclass

@@ -61,3 +61,15 @@ def test_build_holds_probe_examples_out_only_for_a_probing_bandit():
     _, rec = next_round(bandit, bandit.initial)
     active = [g for g in rec["groups"] if not g["skipped"]]
     assert active and all(np.isfinite(g["loss_before"]) and np.isfinite(g["loss_after"]) for g in active)
+
+
+def test_clip_norm_bounds_each_local_step():
+    import jax.numpy as jnp
+
+    from hfl_jax.driver import make_optimizer
+    opt = make_optimizer(load_config(SMOKE, ["train.optimizer=sgd", "train.lr=1.0", "train.clip_norm=1.0"]))
+    g = {"w": jnp.array([6.0, 8.0])}                      # norm 10 -> scaled to norm 1
+    upd, _ = opt.update(g, opt.init(g), g)
+    np.testing.assert_allclose(np.asarray(upd["w"]), [-0.6, -0.8], rtol=1e-6)
+    with pytest.raises(ConfigError, match="train.clip_norm"):
+        load_config(SMOKE, ["train.clip_norm=0"])
