@@ -135,7 +135,9 @@ def _bandit_cell(runs: Sequence[dict]) -> tuple[str, str, str] | None:
 
 def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen: dict) -> list[str]:
     """The markdown of one setting."""
-    lines = [f"## Setting `{setting}`: " + (", ".join(dict(study.settings)[setting]) or "the base config"), ""]
+    own = dict(study.setting_bases).get(setting)
+    what = ([f"base `{own.name}`"] if own else []) + list(dict(study.settings)[setting])
+    lines = [f"## Setting `{setting}`: " + (", ".join(what) or "the base config"), ""]
     if study.tune:
         lines += _tuning_section(study, setting, scores, chosen)
     methods = [(m, spec) for m, spec in study.methods if (setting, m) in runs]

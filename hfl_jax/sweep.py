@@ -10,7 +10,9 @@ A study file (see ``experiments/studies/*.yaml`` and README "Studies")::
     reference: hierfedlora                # paired differences and speed-ups are against it
     targets: [0.70, 0.75, 0.80]           # time-to-accuracy targets (evaluation accuracy)
     tune: {key: train.lr, grid: [3.0e-4, 1.0e-3, 3.0e-3], seeds: [0], last: 3}
-    settings: {alpha0.1: {partition.alpha: 0.1}}
+    settings:
+      alpha0.1: {partition.alpha: 0.1}                                    # overrides of the base
+      agnews: {base: ../configs/study/agnews.yaml, set: {partition.alpha: 0.1}}   # another base
     methods:
       hierfedlora: {}
       fedlora: {set: {algorithm.name: fedlora}}
@@ -69,6 +71,7 @@ class Study:
     tune: Optional[TuneSpec] = None
     reference: Optional[str] = None
     targets: tuple = ()
+    setting_bases: tuple = ()           # ((name, Path), ...): settings with their own base config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +145,21 @@ def load_study(path: str | Path) -> Study:
     reference = raw.get("reference")
     if reference is not None and reference not in names:
         raise ConfigError(f"{path}: reference: {reference!r} is not one of the methods ({', '.join(names)})")
-    settings = tuple((str(k), _overrides(v, f"settings.{k}")) for k, v in (raw.get("settings") or {"all": {}}).items())
+    settings, bases = [], []
+    for k, v in (raw.get("settings") or {"all": {}}).items():
+        if isinstance(v, Mapping) and "base" in v:   # {base: file, set: {...}}
+            extra = set(v) - {"base", "set"}
+            if extra:
+                raise ConfigError(f"{path}: settings.{k}: unknown keys {sorted(extra)} (with 'base': base, set)")
+            own = (path.parent / v["base"]).resolve()
+            if not own.is_file():
+                raise ConfigError(f"{path}: settings.{k}.base: {own} does not exist")
+            bases.append((str(k), own))
+            v = v.get("set")
+        settings.append((str(k), _overrides(v, f"settings.{k}")))
     targets = tuple(float(x) for x in raw.get("targets") or ())
     return Study(str(raw["name"]), base, (path.parent / raw["out"]).resolve(), _seeds(raw.get("seeds"), "seeds"),
-                 settings, tuple(methods), tune, reference, targets)
+                 tuple(settings), tuple(methods), tune, reference, targets, tuple(bases))
 
 
 # --- the plan ------------------------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def run_config(study: Study, run: Run) -> ExperimentConfig:
         over.append(f"{study.tune.key}={json.dumps(run.value)}")
     if run.stage == "tune":
         over.append("data.evaluate=validation")
-    return load_config(study.base, over)
+    return load_config(dict(study.setting_bases).get(run.setting, study.base), over)
 
 
 def _comparable(cfg: Mapping) -> dict:
