@@ -138,7 +138,10 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
     own = dict(study.setting_bases).get(setting)
     what = ([f"base `{own.name}`"] if own else []) + list(dict(study.settings)[setting])
     lines = [f"## Setting `{setting}`: " + (", ".join(what) or "the base config"), ""]
-    if study.tune:
+    tuned_in = dict(study.tuned_in).get(setting)
+    if study.tune and tuned_in:
+        lines += [f"Learning rates: those tuned in setting `{tuned_in}`.", ""]
+    elif study.tune:
         lines += _tuning_section(study, setting, scores, chosen)
     methods = [(m, spec) for m, spec in study.methods if (setting, m) in runs]
     if not methods:
@@ -152,7 +155,7 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
         by_seed = runs[(setting, m)]
         rs = [by_seed[s] for s in sorted(by_seed)]
         expected = len(spec.seeds or study.seeds)
-        value = chosen.get((setting, spec.lr_from or m)) if study.tune else None
+        value = chosen.get((tuned_in or setting, spec.lr_from or m)) if study.tune else None
         traffic = [_traffic(r) for r in rs]
         seeds = ", ".join(map(str, sorted(by_seed))) + (f" ({len(rs)}/{expected})" if len(rs) < expected else "")
         rows.append([m, seeds, "base" if value is None else f"{value:g}", _cell([_final_accuracy(r) for r in rs], 4)]

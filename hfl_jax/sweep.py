@@ -12,6 +12,7 @@ A study file (see ``experiments/studies/*.yaml`` and README "Studies")::
     tune: {key: train.lr, grid: [3.0e-4, 1.0e-3, 3.0e-3], seeds: [0], last: 3}
     settings:
       alpha0.1: {partition.alpha: 0.1}                                    # overrides of the base
+      alpha1.0: {set: {partition.alpha: 1.0}, tuned_in: alpha0.1}         # reuse alpha0.1's tuned values
       agnews: {base: ../configs/study/agnews.yaml, set: {partition.alpha: 0.1}}   # another base
     methods:
       hierfedlora: {}
@@ -23,7 +24,7 @@ is run with the tuning seeds and ``data.evaluate: validation`` (a validation set
 training split; ``data.validation_size`` must be set in the base config); the value with the
 highest mean validation accuracy over the last ``last`` evaluations wins (ties: the smaller
 value). The final runs use it and are evaluated on the task's evaluation split, which the tuning
-never reads. A method with ``lr_from: M`` takes method M's chosen value (controls at another
+never reads. A setting with ``tuned_in: S`` runs no tuning of its own and takes setting S's values. A method with ``lr_from: M`` takes method M's chosen value (controls at another
 method's learning rate).
 
 Everything here is deterministic: a finished run (``summary.json`` present, same config) is
@@ -72,6 +73,7 @@ class Study:
     reference: Optional[str] = None
     targets: tuple = ()
     setting_bases: tuple = ()           # ((name, Path), ...): settings with their own base config
+    tuned_in: tuple = ()                # ((name, other setting), ...): settings reusing another's tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,21 +147,28 @@ def load_study(path: str | Path) -> Study:
     reference = raw.get("reference")
     if reference is not None and reference not in names:
         raise ConfigError(f"{path}: reference: {reference!r} is not one of the methods ({', '.join(names)})")
-    settings, bases = [], []
-    for k, v in (raw.get("settings") or {"all": {}}).items():
-        if isinstance(v, Mapping) and "base" in v:   # {base: file, set: {...}}
-            extra = set(v) - {"base", "set"}
+    settings, bases, tuned_in = [], [], []
+    raw_settings = raw.get("settings") or {"all": {}}
+    for k, v in raw_settings.items():
+        if isinstance(v, Mapping) and ("base" in v or "set" in v or "tuned_in" in v):   # structured form
+            extra = set(v) - {"base", "set", "tuned_in"}
             if extra:
-                raise ConfigError(f"{path}: settings.{k}: unknown keys {sorted(extra)} (with 'base': base, set)")
-            own = (path.parent / v["base"]).resolve()
-            if not own.is_file():
-                raise ConfigError(f"{path}: settings.{k}.base: {own} does not exist")
-            bases.append((str(k), own))
+                raise ConfigError(f"{path}: settings.{k}: unknown keys {sorted(extra)} (known: base, set, tuned_in)")
+            if "base" in v:
+                own = (path.parent / v["base"]).resolve()
+                if not own.is_file():
+                    raise ConfigError(f"{path}: settings.{k}.base: {own} does not exist")
+                bases.append((str(k), own))
+            if "tuned_in" in v:
+                src = v["tuned_in"]
+                if src not in raw_settings or (isinstance(raw_settings[src], Mapping) and "tuned_in" in raw_settings[src]):
+                    raise ConfigError(f"{path}: settings.{k}.tuned_in: {src!r} is not a setting with its own tuning")
+                tuned_in.append((str(k), str(src)))
             v = v.get("set")
         settings.append((str(k), _overrides(v, f"settings.{k}")))
     targets = tuple(float(x) for x in raw.get("targets") or ())
     return Study(str(raw["name"]), base, (path.parent / raw["out"]).resolve(), _seeds(raw.get("seeds"), "seeds"),
-                 tuple(settings), tuple(methods), tune, reference, targets, tuple(bases))
+                 tuple(settings), tuple(methods), tune, reference, targets, tuple(bases), tuple(tuned_in))
 
 
 # --- the plan ------------------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ def tuning_runs(study: Study) -> list[Run]:
         return []
     t = study.tune
     return [Run("tune", s, m, seed, v, study.out / "tune" / s / m / f"{t.key}={_fmt(v)}_s{seed}")
-            for s, _ in study.settings for m, spec in study.methods if spec.lr_from is None
+            for s, _ in study.settings if s not in dict(study.tuned_in)
+            for m, spec in study.methods if spec.lr_from is None
             for v in t.grid for seed in t.seeds]
 
 
@@ -184,7 +194,7 @@ def final_runs(study: Study, chosen: Mapping[tuple, Any]) -> list[Run]:
     out = []
     for s, _ in study.settings:
         for m, spec in study.methods:
-            value = chosen.get((s, spec.lr_from or m)) if study.tune else None
+            value = chosen.get((dict(study.tuned_in).get(s, s), spec.lr_from or m)) if study.tune else None
             out += [Run("final", s, m, seed, value, study.out / "runs" / s / m / f"s{seed}")
                     for seed in (spec.seeds or study.seeds)]
     return out

@@ -79,3 +79,17 @@ def test_bad_study_files_are_refused(tmp_path, change, message):
     path = _study(tmp_path, **change)
     with pytest.raises(ConfigError, match=message):
         sweep.load_study(path)
+
+
+def test_a_setting_can_reuse_another_settings_tuning(tmp_path):
+    path = _study(tmp_path, settings={"a": {"partition.alpha": 0.5},
+                                      "b": {"set": {"partition.alpha": 1.0}, "tuned_in": "a"}})
+    study = sweep.load_study(path)
+    assert {r.setting for r in sweep.tuning_runs(study)} == {"a"}
+    chosen = {("a", "hierfedlora"): 0.01, ("a", "fedlora"): 0.003}
+    final = {(r.setting, r.method, r.seed): r.value for r in sweep.final_runs(study, chosen)}
+    assert final[("b", "fedlora", 1)] == 0.003 and final[("b", "fedlora_at_hier_lr", 0)] == 0.01
+    cfg = sweep.run_config(study, next(r for r in sweep.final_runs(study, chosen) if r.setting == "b"))
+    assert cfg.partition.alpha == 1.0
+    with pytest.raises(ConfigError, match="tuned_in"):
+        sweep.load_study(_study(tmp_path, settings={"a": {"set": {}, "tuned_in": "zzz"}}))
