@@ -79,7 +79,9 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
 
 
 def load_data(cfg: ExperimentConfig):
-    """Tokenized train and validation arrays (seeded subsets if configured) and the label names."""
+    """Tokenized train and validation arrays (seeded subsets if configured) and the label names.
+
+    A subset is drawn before tokenization, so only its rows are tokenized (and cached)."""
     from hfl_jax.data import load_task, tokenize_dataset
 
     d = cfg.data
@@ -87,12 +89,12 @@ def load_data(cfg: ExperimentConfig):
     out = []
     for split, subset in (("train", d.train_subset), ("validation", d.eval_subset)):
         ds = load_task(d.task, split, data_dir=d.data_dir, custom=d.custom)
-        tok = tokenize_dataset(ds, tokenizer, d.max_length)
-        if subset is not None and subset < len(tok["labels"]):
+        if subset is not None and subset < len(ds):
+            # draw the subset first and tokenize only its rows (the token cache is keyed by them)
             idx = np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 0 if split == "train" else 1]).choice(
-                len(tok["labels"]), subset, replace=False))
-            tok = {k: v[idx] for k, v in tok.items()}
-        out.append(tok)
+                len(ds), subset, replace=False))
+            ds = ds.take(idx)
+        out.append(tokenize_dataset(ds, tokenizer, d.max_length))
         label_names = ds.label_names
     return out[0], out[1], label_names
 
