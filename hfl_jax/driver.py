@@ -158,6 +158,16 @@ def _data_preparer(cfg: ExperimentConfig, model, base: dict, cached: int) -> Cal
     return prepare
 
 
+def _packing(cfg: ExperimentConfig, model, cached: int, data, slots: tuple) -> dict:
+    """The :class:`Env` fields of sequence packing (``data.pack``): the row length and each group's
+    row lengths ``[S, n_max]``; none when off or when the model or cached layers cannot pack."""
+    if not (cfg.data.pack and model.packs and not cached):
+        return {}
+    lengths = (np.asarray(data.attention_mask) > 0).sum(-1).astype(np.int32)
+    per_group = tuple(np.where((s >= 0)[:, None], lengths[np.where(s >= 0, s, 0)], 0) for s in slots)
+    return {"pack_row_len": cfg.data.pack_length or 2 * cfg.data.max_length, "group_lengths": per_group}
+
+
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
     t = cfg.train
     if t.optimizer == "sgd":
@@ -230,9 +240,16 @@ def build(cfg: ExperimentConfig) -> Experiment:
               group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots),
               counts=np.asarray(data.counts), profiles=profiles, axis=axis, optimizer=make_optimizer(cfg),
               workload=workload(cfg), key=key, seed=cfg.seed, n_max=data.n_max,
-              participation=cfg.train.participation, availability=cfg.train.availability)
+              participation=cfg.train.participation, availability=cfg.train.availability,
+              **_packing(cfg, model, cached, data, slots))
     initial = algorithm.init(env, key)
-    eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
+    if env.pack_row_len:
+        from hfl_jax.data.packing import pack_eval, position_offset
+        nb = -(-len(valid["labels"]) // cfg.train.eval_batch_size)
+        eval_data = axis.replicate(pack_eval(valid, row_len=env.pack_row_len, num_batches=nb,
+                                             position_offset=position_offset(model.cfg)))
+    else:
+        eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
     return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, train["labels"], initial)
 
 

@@ -37,6 +37,10 @@ class Env:
     n_max: int                         # most examples any device holds
     participation: float = 1.0         # fraction of each group sampled per round
     availability: float = 1.0          # probability that a sampled device is available
+    # Sequence packing of training steps (hfl_jax.data.packing): row length L, 0 = off; then
+    # group_lengths holds per group the real tokens of every row, [S, n_max] int (host numpy).
+    pack_row_len: int = 0
+    group_lengths: tuple = ()
 
     @property
     def num_groups(self) -> int:
