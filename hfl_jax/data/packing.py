@@ -120,13 +120,15 @@ def sample_group_indices(round_key: Array, device_ids: Array, counts: Array, *, 
 
 
 def plan_group_round(lengths: np.ndarray, counts: np.ndarray, device_ids: np.ndarray, round_key: Array, *,
-                     num_steps: int, batch_size: int, row_len: int) -> tuple[dict[str, np.ndarray], int]:
+                     num_steps: int, batch_size: int, row_len: int, rows_multiple: int = 1
+                     ) -> tuple[dict[str, np.ndarray], int]:
     """The batches of a group round, drawn on the host, and their packing.
 
     Args:
       lengths: ``[M, n_max]`` real tokens of every row of the group's devices (0 on padding rows).
       counts, device_ids: ``[M]`` rows and global ids of the device slots (as the round gets them).
       round_key: the round's key (the compiled round would draw the same indices from it).
+      rows_multiple: ``R`` is rounded up to a multiple of this (fewer distinct shapes to compile).
 
     Returns ``({"idx", "mask", "row", "offset"}`` each ``[M, E, B]``, ``R``).
     """
@@ -136,7 +138,13 @@ def plan_group_round(lengths: np.ndarray, counts: np.ndarray, device_ids: np.nda
     idx, mask = np.asarray(idx), np.asarray(mask)
     used = np.take_along_axis(lengths, idx.reshape(len(idx), -1), axis=1).reshape(idx.shape) * mask
     row, offset, rows = plan_packing(used, row_len)
-    return {"idx": idx, "mask": mask, "row": row, "offset": offset}, rows
+    return {"idx": idx, "mask": mask, "row": row, "offset": offset}, -(-rows // rows_multiple) * rows_multiple
+
+
+def rows_multiple(batch_size: int, seq_len: int, row_len: int) -> int:
+    """The rounding of a round's row count: a quarter of the rows an unpacked batch fills
+    (``B * T / L``), so at most about four row counts (programs) between a quarter full and unpacked."""
+    return max(1, -(-batch_size * seq_len // (4 * row_len)))
 
 
 @flax.struct.dataclass
