@@ -99,25 +99,24 @@ def training_rows(cfg: ExperimentConfig, n: int) -> tuple[np.ndarray, np.ndarray
 def load_data(cfg: ExperimentConfig):
     """Tokenized train and evaluation arrays (seeded subsets if configured) and the label names.
     The evaluation set is the task's evaluation split, or with ``data.evaluate: validation`` the
-    validation set carved from the training split (:func:`training_rows`)."""
+    validation set carved from the training split (:func:`training_rows`). Rows are chosen before
+    tokenization, so only the rows a run uses are tokenized (and cached)."""
     from hfl_jax.data import load_task, tokenize_dataset
 
     d = cfg.data
     tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
     ds = load_task(d.task, "train", data_dir=d.data_dir, custom=d.custom)
-    tok = tokenize_dataset(ds, tokenizer, d.max_length)
-    rows, valid_rows = training_rows(cfg, len(tok["labels"]))
-    train = {k: v[rows] for k, v in tok.items()}
+    rows, valid_rows = training_rows(cfg, len(ds))
+    # draw the rows first and tokenize only them (the token cache is keyed by them)
+    train = tokenize_dataset(ds if len(rows) == len(ds) else ds.take(rows), tokenizer, d.max_length)
     if d.evaluate == "validation":
-        evals = {k: v[valid_rows] for k, v in tok.items()}
+        evals_ds = ds.take(valid_rows)
     else:
-        evals = tokenize_dataset(load_task(d.task, "validation", data_dir=d.data_dir, custom=d.custom),
-                                 tokenizer, d.max_length)
-    if d.eval_subset is not None and d.eval_subset < len(evals["labels"]):
-        idx = np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 1]).choice(
-            len(evals["labels"]), d.eval_subset, replace=False))
-        evals = {k: v[idx] for k, v in evals.items()}
-    return train, evals, ds.label_names
+        evals_ds = load_task(d.task, "validation", data_dir=d.data_dir, custom=d.custom)
+    if d.eval_subset is not None and d.eval_subset < len(evals_ds):
+        evals_ds = evals_ds.take(np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 1]).choice(
+            len(evals_ds), d.eval_subset, replace=False)))
+    return train, tokenize_dataset(evals_ds, tokenizer, d.max_length), ds.label_names
 
 
 def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -191,6 +190,16 @@ def _data_preparer(cfg: ExperimentConfig, model, base: dict, cached: int) -> Cal
             data = attach_hidden(data, model, base, cached, cfg.train.eval_batch_size)
         return data
     return prepare
+
+
+def _packing(cfg: ExperimentConfig, model, cached: int, data, slots: tuple) -> dict:
+    """The :class:`Env` fields of sequence packing (``data.pack``): the row length and each group's
+    row lengths ``[S, n_max]``; none when off or when the model or cached layers cannot pack."""
+    if not (cfg.data.pack and model.packs and not cached):
+        return {}
+    lengths = (np.asarray(data.attention_mask) > 0).sum(-1).astype(np.int32)
+    per_group = tuple(np.where((s >= 0)[:, None], lengths[np.where(s >= 0, s, 0)], 0) for s in slots)
+    return {"pack_row_len": cfg.data.pack_length or 2 * cfg.data.max_length, "group_lengths": per_group}
 
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
@@ -277,9 +286,16 @@ def build(cfg: ExperimentConfig) -> Experiment:
               participation=cfg.train.participation, availability=cfg.train.availability,
               probe_data=None if probe_data is None else tuple(
                   axis.put(_group_data(probe_data, s, prepare)) for s in slots),
-              probe_n_max=0 if probe_data is None else probe_data.n_max)
+              probe_n_max=0 if probe_data is None else probe_data.n_max,
+              **_packing(cfg, model, cached, data, slots))
     initial = algorithm.init(env, key)
-    eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
+    if env.pack_row_len:
+        from hfl_jax.data.packing import pack_eval, position_offset
+        nb = -(-len(valid["labels"]) // cfg.train.eval_batch_size)
+        eval_data = axis.replicate(pack_eval(valid, row_len=env.pack_row_len, num_batches=nb,
+                                             position_offset=position_offset(model.cfg)))
+    else:
+        eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
     return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, train["labels"], initial)
 
 

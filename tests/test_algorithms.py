@@ -33,9 +33,16 @@ def test_algorithm_runs_several_rounds(name, monkeypatch):
     cfg = load_config(SMOKE, [f"algorithm.name={name}", "lora.rank=4", "algorithm.hetlora.ranks=[1,2,4]",
                               "algorithm.flexlora.ranks=[1,2,4]", *TWO_LAYERS])
     exp = build(cfg)
+    from hfl_jax.algos import stages
+    probe_calls = []
+    real_probe = stages.probe
+    monkeypatch.setattr(stages, "probe", lambda *a, **k: probe_calls.append(1) or real_probe(*a, **k))
     state, records = _rounds(exp, 3)
     assert state.round == 3 and state.sim_time > 0
     hierarchical = name.startswith("hierfedlora")
+    # only a learning selector computes the probe (2 per active group and round); the others never run it
+    bandit = hierarchical and name != "hierfedlora_fixed"
+    assert len(probe_calls) == (2 * sum(not g["skipped"] for r in records for g in r["groups"]) if bandit else 0)
     for rec in records:
         active = [g for g in rec["groups"] if not g["skipped"]]
         assert active and all(g["time"] > 0 and np.isfinite(g["train_loss"]) for g in active)

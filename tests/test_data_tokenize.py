@@ -103,3 +103,24 @@ def test_bad_arguments(tmp_path):
         tokenize_dataset(ds([], labels=[]), tiny_bert(tmp_path), 8, cache_dir=tmp_path)
     with pytest.raises(DataError, match="max_length"):
         tokenize_dataset(ds(["the"]), tiny_bert(tmp_path), 1, cache_dir=tmp_path)
+
+
+def test_subset_tokenized_alone_equals_the_same_rows_of_the_whole(tmp_path, monkeypatch):
+    """load_data draws the subset before tokenizing: the rows equal those of the whole set tokenized,
+    and only the subset is written to the cache."""
+    from hfl_jax.config import load_config
+    from hfl_jax.data import load_task
+    from hfl_jax.driver import load_data
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("HFL_CACHE_DIR", str(tmp_path))
+    cfg = load_config(root / "experiments/configs/smoke.yaml", ["data.train_subset=100", "data.eval_subset=30"])
+    train, valid, _ = load_data(cfg)
+    assert len(train["labels"]) == 100 and len(valid["labels"]) == 30
+    cached = sorted(tmp_path.glob("*.npz"))
+    assert len(cached) == 2 and all(len(np.load(p)["labels"]) in (100, 30) for p in cached)
+    whole = load_task("custom", "train", custom=cfg.data.custom)
+    full = tokenize_dataset(whole, "minilm-l6", cfg.data.max_length, cache_dir=tmp_path / "full")
+    rows = np.sort(np.random.default_rng([0, 14, 0]).choice(len(whole), 100, replace=False))  # seed, SALT_SUBSET
+    for k in full:
+        np.testing.assert_array_equal(full[k][rows], train[k])

@@ -107,15 +107,15 @@ def test_group_round_probe_and_eval_from_cached_layers_equal_full_forward():
 SMOKE = "tests/configs/tiny_v1.yaml"   # the pre-issue-15 smoke setting
 
 
-def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
+def test_driver_rounds_with_trimming_cache_and_packing_equal_plain(monkeypatch):
     from hfl_jax.config import load_config
     from hfl_jax.driver import build, next_round
 
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
-    common = ["algorithm.depths=[1,2]", "algorithm.taus=[1]"]
+    common = ["algorithm.depths=[1,2]", "algorithm.taus=[1]", "data.pack=false"]
     runs = {}
     for name, extra in [("plain", ["data.trim_padding=false"]), ("trim", []),
-                        ("cache", ["train.cache_frozen_layers=true"])]:
+                        ("cache", ["train.cache_frozen_layers=true"]), ("pack", ["data.pack=true"])]:
         exp = build(load_config(SMOKE, common + extra))
         state, arms = exp.initial, []
         for _ in range(2):
@@ -124,7 +124,7 @@ def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
         from hfl_jax.fed.engine import make_evaluate
         runs[name] = (exp, state, arms, make_evaluate(exp.env.model)(state.trainable, exp.env.base,
                                                                      exp.eval_data))
-    plain, trim, cache = runs["plain"], runs["trim"], runs["cache"]
+    plain, trim, cache, pack = runs["plain"], runs["trim"], runs["cache"], runs["pack"]
     T = plain[0].cfg.data.max_length
     assert plain[0].eval_data.input_ids.shape[-1] == T
     assert trim[0].eval_data.input_ids.shape[-1] < T   # the tiny sentences are short: something was cut
@@ -132,7 +132,8 @@ def test_driver_rounds_with_trimming_and_cache_equal_plain(monkeypatch):
     # Same maths, other shapes: XLA may sum in another order. Float rounding then moves the adapters
     # by far less than one Adam step (lr 3e-3 here; Adam turns a near-zero gradient's rounding into
     # up to a full step's change), and the evaluation agrees to 1e-5.
-    for other in (trim, cache):
+    assert pack[0].env.pack_row_len == 2 * T and pack[0].eval_data.segment_ids.size < pack[0].eval_data.labels.size * T
+    for other in (trim, cache, pack):
         assert other[2] == plain[2]
         _close(plain[1].trainable, other[1].trainable, 1e-4)
         _close(plain[3], other[3], 1e-5)

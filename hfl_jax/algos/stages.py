@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
-from hfl_jax.report import TIER_BYTES, TIER_TIMES
+from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, rows_multiple
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.group_aggregators import FedAvg
 from hfl_jax.fed.timemodel import global_round_time
+from hfl_jax.report import TIER_BYTES, TIER_TIMES
 
 PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
 # Salts that give every purpose its own random stream (shared with hfl_jax.driver).
@@ -99,10 +100,27 @@ def group_view(env: Env, k: int, present_all: np.ndarray, ranks: np.ndarray) -> 
     return GroupView(k, slots, present, weights, np.where(real, ranks[ids], env.workload.rank).astype(np.int32))
 
 
-def _device_ids(env: Env, g: GroupView) -> jax.Array:
+def _slot_ids(env: Env, g: GroupView) -> np.ndarray:
     # padding slots (no data) get ids beyond the real devices so every slot's key is distinct
-    n = env.num_devices
-    return env.axis.put(np.where(g.slots >= 0, g.slots, n + np.arange(len(g.slots))).astype(np.int32))
+    return np.where(g.slots >= 0, g.slots, env.num_devices + np.arange(len(g.slots))).astype(np.int32)
+
+
+def _device_ids(env: Env, g: GroupView) -> jax.Array:
+    return env.axis.put(_slot_ids(env, g))
+
+
+def packed_plan(env: Env, g: GroupView, key: jax.Array) -> tuple[PackSpec | None, dict]:
+    """``(PackSpec, {"plan": ...})`` of group ``g``'s round with key ``key`` when the environment packs
+    training steps (:mod:`hfl_jax.data.packing`: the batches drawn ahead on the host and placed in rows),
+    else ``(None, {})``."""
+    if not env.pack_row_len:
+        return None, {}
+    counts = np.where(g.slots >= 0, env.counts[g.ids], 0)
+    w = env.workload
+    plan, rows = plan_group_round(env.group_lengths[g.k], counts, _slot_ids(env, g), key,
+                                  num_steps=w.local_steps, batch_size=w.batch_size, row_len=env.pack_row_len,
+                                  rows_multiple=rows_multiple(w.batch_size, w.seq_len, env.pack_row_len))
+    return PackSpec(rows, env.pack_row_len, position_offset(env.model.cfg)), {"plan": env.axis.put(plan)}
 
 
 class GroupTraining(NamedTuple):
@@ -124,15 +142,17 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     Metrics stay on the accelerator through the loop; the host reads them once at the end.
     """
     per_device = device_lora is not None
-    fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
-                          local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
-                          n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device)
     axis, data = env.axis, env.group_data[g.k]
     dev_ids, w_dev, rank_dev = _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks)
     extra = (device_lora,) if per_device else ()
     tr, finite, devices = trainable, None, None
     for t in range(tau):
-        out = fn(tr, env.base, data, dev_ids, w_dev, jax.random.fold_in(key, t), rank_dev, *extra)
+        pack, plan = packed_plan(env, g, jax.random.fold_in(key, t))
+        fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
+                              local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                              n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device,
+                              pack=pack)
+        out = fn(tr, env.base, data, dev_ids, w_dev, jax.random.fold_in(key, t), rank_dev, *extra, **plan)
         tr, m = out[0], out[1]
         devices = out[2] if per_device else None
         finite = m.finite if finite is None else finite & m.finite

@@ -281,6 +281,13 @@ class TextDataset:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    def take(self, idx: np.ndarray) -> "TextDataset":
+        """The rows ``idx`` (int array), in that order; ``split`` gets a ``[n rows]`` suffix."""
+        idx = np.asarray(idx, np.int64)
+        pick = lambda col: [col[i] for i in idx]
+        return dataclasses.replace(self, text_a=pick(self.text_a), text_b=None if self.text_b is None else pick(self.text_b),
+                                   labels=np.asarray(self.labels)[idx], split=f"{self.split}[{len(idx)} rows]")
+
     def fingerprint(self) -> str:
         """sha256 hex digest of the texts, labels and label names (not of `source`)."""
         h = hashlib.sha256()

@@ -35,7 +35,7 @@ class GroupRoundMetrics(NamedTuple):
 @functools.lru_cache(maxsize=64)
 def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int, local_steps: int,
                      batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
-                     aggregator: Any = FedAvg(), per_device: bool = False):
+                     aggregator: Any = FedAvg(), per_device: bool = False, pack: Any = None):
     """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None)``
     ``-> (trainable, metrics)``.
 
@@ -50,6 +50,10 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
       device_lora: only with ``per_device=True``: ``[M, ...]`` LoRA each device starts from
         instead of ``trainable["lora"]`` (FedSA-LoRA's device-kept B).
 
+    ``pack``: a :class:`~hfl_jax.data.packing.PackSpec`; the function then takes the keyword
+    ``plan`` (``{"idx", "mask", "row", "offset"}`` ``[M, E, B]``, from
+    :func:`~hfl_jax.data.packing.plan_group_round`) and trains on packed batches.
+
     ``aggregator``: a group aggregator from :mod:`hfl_jax.fed.group_aggregators`
     (``FedAvg()``, ``RankPadded(sparsity)``, ``SVDProductMean()``); hashable, part of the cache key.
 
@@ -57,19 +61,19 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
       the aggregated trainable (unchanged if every weight is 0), :class:`GroupRoundMetrics`,
       and with ``per_device=True`` also the devices' trained trainables ``[M, ...]``.
     """
-    local = make_local_train(model, inner, depth, local_steps, batch_size, n_max)
-    if per_device:
-        def start_from(trainable, base, data_row, key, device_id, rank, device_lora):
-            return local(dict(trainable, lora=device_lora), base, data_row, key, device_id, rank)
-        mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0))
-    else:
-        mapped = axis.map(local, in_axes=(None, None, 0, None, 0, 0))
+    local = make_local_train(model, inner, depth, local_steps, batch_size, n_max, pack)
+
+    def start_from(trainable, base, data_row, key, device_id, rank, plan, *device_lora):
+        if per_device:
+            trainable = dict(trainable, lora=device_lora[0])
+        return local(trainable, base, data_row, key, device_id, rank, plan)
+    mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0) + (0,) * per_device)
 
     @jit
-    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora):
+    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora, plan=None):
         if ranks is None:
             ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
-        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, *device_lora)
+        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, plan, *device_lora)
         agg, finite, used = aggregator(new, trainable, weights, ranks)
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         if per_device:
@@ -83,20 +87,25 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
 def make_evaluate(model: EncoderModel):
     """Compiled ``evaluate(params_base, trainable, batches) -> (mean_loss, accuracy)`` over an
     :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored;
-    starts from the batches' cached hidden states when they carry them)."""
+    starts from the batches' cached hidden states when they carry them) or a
+    :class:`~hfl_jax.data.packing.PackedEval` (the same sums over packed rows)."""
+    from hfl_jax.data.packing import PackedEval
 
     @jit
     def evaluate(trainable, base, batches):
         start = batches.hidden_layer
         loss_fn = make_loss_fn(model, model.num_layers - start, start)
+        packed = isinstance(batches, PackedEval)
+        tokens = (("input_ids", "token_type_ids", "position_ids", "segment_ids", "slots") if packed
+                  else ("input_ids", "attention_mask", "token_type_ids"))
 
         def one(batch):
-            b = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            b = {k: batch[k] for k in (*tokens, "labels")}
             if start:
                 b["hidden"] = batch["hidden"]
             _, m = loss_fn(trainable, base, dict(b, mask=batch["valid"]))
             return m.loss * m.count, m.correct, m.count
-        keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "valid") + (("hidden",) if start else ())
+        keys = (*tokens, "labels", "valid") + (("hidden",) if start else ())
         arrays = {k: getattr(batches, k) for k in keys}
         loss_sum, correct, count = jax.lax.map(one, arrays)
         n = jnp.maximum(count.sum(), 1.0)

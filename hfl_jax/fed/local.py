@@ -39,14 +39,20 @@ def make_loss_fn(model: EncoderModel, depth: int, start_layer: int = 0) -> Calla
     with no real example has loss 0 and zero gradient. With ``start_layer > 0`` the
     batch carries ``"hidden"`` ``[B, T, H]``, the cached output of the bottom
     ``start_layer`` layers, and the forward pass starts there
-    (:meth:`~hfl_jax.models.encoder.EncoderModel.hidden_states`).
+    (:meth:`~hfl_jax.models.encoder.EncoderModel.hidden_states`). A batch with ``"segment_ids"``
+    is packed (:func:`hfl_jax.data.packing.pack_batch`; labels and mask per slot).
     """
 
     def loss_fn(trainable, base, batch):
         params = {**base, "head": trainable["head"]}
-        hidden0 = batch["hidden"] if start_layer else None
-        logits = model.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                             lora=trainable["lora"], depth=depth, start_layer=start_layer, hidden0=hidden0)
+        if "segment_ids" in batch:   # packed rows (hfl_jax.data.packing): one logit row per slot
+            logits = model.apply(params, batch["input_ids"], None, batch["token_type_ids"], lora=trainable["lora"],
+                                 depth=depth, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+                                 slots=batch["slots"])
+        else:
+            hidden0 = batch["hidden"] if start_layer else None
+            logits = model.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                 lora=trainable["lora"], depth=depth, start_layer=start_layer, hidden0=hidden0)
         w = batch["mask"].astype(logits.dtype)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         n = w.sum()
@@ -80,7 +86,7 @@ def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation
 
 
 def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, depth: int,
-                     num_steps: int, batch_size: int, n_max: int) -> Callable:
+                     num_steps: int, batch_size: int, n_max: int, pack: Any = None) -> Callable:
     """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
 
     Returns ``local_train(trainable, base, data_row, round_key, device_id, rank) -> (trainable, StepMetrics[E])``
@@ -94,16 +100,26 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
     round (local Adam/SGD re-initialised, as in FedAvg-style LoRA fine-tuning).
     When ``data_row`` carries cached hidden states (``hidden_layer > 0``, read at trace
     time) the forward pass starts from them.
+
+    ``pack`` (a :class:`~hfl_jax.data.packing.PackSpec`): ``local_train`` takes a last argument
+    ``plan``, the batches drawn ahead on the host (``{"idx", "mask", "row", "offset"}`` ``[E, B]``,
+    :func:`~hfl_jax.data.packing.plan_group_round`: the indices the sampler would draw here), and
+    each step runs on those batches packed into ``pack.rows`` rows (same result up to float order).
     """
     from hfl_jax.data import gather_batches, sample_batch_indices
+    from hfl_jax.data.packing import pack_batch
 
     opt = make_optimizer(inner, model.num_layers, depth)
 
-    def local_train(trainable, base, data_row, round_key, device_id, rank):
+    def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None):
         step = make_train_step(model, opt, depth, data_row.hidden_layer)
         trainable = dict(trainable, lora=truncate_to(trainable["lora"], rank))
-        idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)
-        batches = dict(gather_batches(data_row, idx), mask=mask)
+        if pack is None:
+            idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)
+            batches = dict(gather_batches(data_row, idx), mask=mask)
+        else:
+            batches = dict(gather_batches(data_row, plan["idx"]), mask=plan["mask"])
+            batches = jax.vmap(lambda b, r, o: pack_batch(b, r, o, pack))(batches, plan["row"], plan["offset"])
 
         def body(carry, batch):
             tr, st = carry

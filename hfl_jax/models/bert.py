@@ -24,16 +24,20 @@ class BertEmbeddings(nn.Module):
     """Word + absolute position + token-type embeddings, then LayerNorm.
 
     RoBERTa numbers positions from ``pad_token_id + 1`` over non-padding tokens
-    (``create_position_ids_from_input_ids`` in transformers).
+    (``create_position_ids_from_input_ids`` in transformers). Explicit ``position_ids`` ``[B, T]``
+    (packed rows) replace both numberings.
     """
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array) -> Array:
+    def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+                 position_ids: Array | None = None) -> Array:
         cfg = self.cfg
         emb = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=dense_init(cfg), name=name)
-        if cfg.model_type == "roberta":
+        if position_ids is not None:   # packed rows (hfl_jax.data.packing): positions restart per sequence
+            positions = position_ids
+        elif cfg.model_type == "roberta":
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
             positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
         else:
@@ -54,6 +58,15 @@ class PaddingContext(nn.Module):
     def __call__(self, attention_mask: Array, hidden: Array) -> dict[str, Any]:
         kv_len = jnp.maximum((attention_mask > 0).sum(-1), 1).astype(jnp.int32)
         return {"mask_bias": padding_bias(attention_mask, hidden.dtype), "kv_len": kv_len}
+
+
+def packed_context(segment_ids: Array, dtype=jnp.float32) -> dict[str, Any]:
+    """:class:`PaddingContext` of packed rows (``segment_ids`` ``[R, L]``, 0 = padding): a token sees
+    only the tokens of its own sequence (``mask_bias`` ``[R, 1, L, L]``, block diagonal). ``kv_len``
+    is the row length (cuDNN's key lengths cannot express it; packing refuses that kernel)."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    bias = jnp.where(same[:, None], 0.0, jnp.finfo(dtype).min).astype(dtype)
+    return {"mask_bias": bias, "kv_len": jnp.full(segment_ids.shape[:1], segment_ids.shape[1], jnp.int32)}
 
 
 class BertHead(nn.Module):

@@ -110,6 +110,14 @@ class EncoderModel:
     def num_layers(self) -> int:
         return self.cfg.num_layers
 
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`apply` takes packed rows (:mod:`hfl_jax.data.packing`): BERT/RoBERTa with an
+        attention kernel that takes the block-diagonal bias (not cuDNN's key lengths)."""
+        from hfl_jax.models.layers import attention_impl
+        return (self.cfg.model_type in ("bert", "roberta")
+                and attention_impl(self.attention, self.compute_dtype or jnp.float32) != "cudnn")
+
     def _modules(self):
         f, cfg = self.family, self.cfg
         return (f.embeddings(cfg), f.context(cfg),
@@ -139,8 +147,13 @@ class EncoderModel:
 
     def hidden_states(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, lora: LoRA | None = None,
-                      depth: int | None = None, *, start_layer: int = 0, hidden0: Array | None = None) -> Array:
+                      depth: int | None = None, *, start_layer: int = 0, hidden0: Array | None = None,
+                      position_ids: Array | None = None, segment_ids: Array | None = None) -> Array:
         """Last hidden states ``[B, T, H]``.
+
+        ``position_ids`` and ``segment_ids`` (``[B, T]``, both or neither): packed rows
+        (:mod:`hfl_jax.data.packing`; :attr:`packs` models only), each token attending only to its
+        own segment; ``attention_mask`` is then ignored.
 
         ``depth`` (static int, default all layers): only the top ``depth`` layers
         are differentiated; gradients stop at their input.
@@ -159,11 +172,15 @@ class EncoderModel:
         if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= L - depth:
             raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
                              f"[0, L - depth = {L - depth}]")
-        if hidden0 is None:
-            h = self._embed(params, input_ids, attention_mask, token_type_ids)
+        if segment_ids is not None:
+            if not self.packs or hidden0 is not None:
+                raise ValueError(f"packed rows need a BERT/RoBERTa model without cuDNN attention and no "
+                                 f"cached hidden states (model_type {self.cfg.model_type!r})")
+            h = self._embed(params, input_ids, segment_ids > 0, token_type_ids, position_ids)
+            ctx = bert.packed_context(segment_ids, h.dtype)
         else:
-            h = hidden0
-        ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+            h = self._embed(params, input_ids, attention_mask, token_type_ids) if hidden0 is None else hidden0
+            ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
         split = L - depth
         if split > start_layer:
             h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split))
@@ -186,11 +203,12 @@ class EncoderModel:
         ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
         return self._run_layers(params, h, ctx, None, 0, int(stop_layer))
 
-    def _embed(self, params, input_ids, attention_mask, token_type_ids):
+    def _embed(self, params, input_ids, attention_mask, token_type_ids, position_ids=None):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        extra = () if position_ids is None else (position_ids,)
         return self.family.embeddings(self.cfg).apply({"params": params["embeddings"]}, input_ids,
-                                                      token_type_ids, attention_mask)
+                                                      token_type_ids, attention_mask, *extra)
 
     def _run_layers(self, params, h, ctx, lora, start, stop, remat: str = "none"):
         """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis, each layer under
@@ -219,7 +237,8 @@ class EncoderModel:
     def apply(self, params: Params, input_ids: Array, attention_mask: Array,
               token_type_ids: Array | None = None, lora: LoRA | None = None, *,
               depth: int | None = None, return_hidden: bool = False,
-              start_layer: int = 0, hidden0: Array | None = None):
+              start_layer: int = 0, hidden0: Array | None = None, position_ids: Array | None = None,
+              segment_ids: Array | None = None, slots: Array | None = None):
         """Classification logits ``[B, num_labels]`` (and hidden states if ``return_hidden``).
 
         Args:
@@ -228,8 +247,16 @@ class EncoderModel:
           lora: optional :class:`~hfl_jax.models.lora.LoRA` adapters.
           depth: static fine-tuning depth; see :meth:`hidden_states`.
           start_layer, hidden0: start from cached hidden states; see :meth:`hidden_states`.
+          position_ids, segment_ids ``[R, L]``, slots ``[S]``: packed rows (:mod:`hfl_jax.data.packing`);
+            the logits are then ``[S, num_labels]``, one per sequence starting at flat index ``slots``.
         """
         hidden = self.hidden_states(params, input_ids, attention_mask, token_type_ids, lora, depth,
-                                    start_layer=start_layer, hidden0=hidden0)
-        logits = self.family.head(self.cfg).apply({"params": params["head"]}, hidden, attention_mask)
+                                    start_layer=start_layer, hidden0=hidden0, position_ids=position_ids,
+                                    segment_ids=segment_ids)
+        if slots is not None:   # each sequence's first token, as the head's token 0
+            first = hidden.reshape(-1, hidden.shape[-1])[slots][:, None, :]
+            logits = self.family.head(self.cfg).apply({"params": params["head"]}, first,
+                                                      jnp.ones(first.shape[:2], jnp.int32))
+        else:
+            logits = self.family.head(self.cfg).apply({"params": params["head"]}, hidden, attention_mask)
         return (logits, hidden) if return_hidden else logits
