@@ -11,7 +11,8 @@ round is a pure function of ``(env, state, key)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,19 @@ class GroupTraining(NamedTuple):
     devices: Any = None                # with device_lora: the devices' trained trainables [S, ...]
 
 
+def _group_round_call(env: Env, trainable: Any, g: GroupView, *, depth: int, aggregator: Any, optimizer: Any,
+                      device_lora: Any) -> tuple[Any, Callable]:
+    """``(compiled group round, key -> its arguments)`` for group ``g`` at ``depth``."""
+    per_device = device_lora is not None
+    fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
+                          local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                          n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device)
+    axis, data = env.axis, env.group_data[g.k]
+    dev_ids, w_dev, rank_dev = _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks)
+    extra = (device_lora,) if per_device else ()
+    return fn, lambda tr, key: (tr, env.base, data, dev_ids, w_dev, key, rank_dev, *extra)
+
+
 def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int, key: jax.Array,
                 aggregator: Any = FedAvg(), optimizer: Any = None, device_lora: Any = None
                 ) -> tuple[Any, GroupTraining]:
@@ -122,15 +136,11 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     Metrics stay on the accelerator through the loop; the host reads them once at the end.
     """
     per_device = device_lora is not None
-    fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
-                          local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
-                          n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device)
-    axis, data = env.axis, env.group_data[g.k]
-    dev_ids, w_dev, rank_dev = _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks)
-    extra = (device_lora,) if per_device else ()
+    fn, args = _group_round_call(env, trainable, g, depth=depth, aggregator=aggregator, optimizer=optimizer,
+                                 device_lora=device_lora)
     tr, finite, devices = trainable, None, None
     for t in range(tau):
-        out = fn(tr, env.base, data, dev_ids, w_dev, jax.random.fold_in(key, t), rank_dev, *extra)
+        out = fn(*args(tr, jax.random.fold_in(key, t)))
         tr, m = out[0], out[1]
         devices = out[2] if per_device else None
         finite = m.finite if finite is None else finite & m.finite
@@ -140,13 +150,50 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     return tr, GroupTraining(bad, float(g.weights[~bad].sum()), train_loss, devices)
 
 
+def _probe_call(env: Env, g: GroupView) -> tuple[Any, Callable]:
+    fn = make_probe(env.model, env.workload.batch_size, env.n_max, env.axis)
+    data, ids = env.group_data[g.k], _device_ids(env, g)
+    return fn, lambda tr, key: (tr, env.base, data, ids, jax.random.fold_in(key, PROBE_SALT))
+
+
 def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
     """Mean loss of ``trainable`` over one batch per present device of group ``g``, drawn with the
     group's probe key (the same batches before and after training): the bandit's progress signal."""
-    fn = make_probe(env.model, env.workload.batch_size, env.n_max, env.axis)
-    loss, n = fn(trainable, env.base, env.group_data[g.k], _device_ids(env, g), jax.random.fold_in(key, PROBE_SALT))
+    fn, args = _probe_call(env, g)
+    loss, n = fn(*args(trainable, key))
     pw = np.asarray(n) * g.present
     return float((np.asarray(loss) * pw).sum() / max(pw.sum(), 1))
+
+
+def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregator: Any = FedAvg(),
+             optimizer: Any = None, device_lora: Any = None, ranks: np.ndarray | None = None) -> list[Callable]:
+    """Zero-argument callables that compile, ahead of time, every program a round of an algorithm
+    may run: each group's round at each of ``depths`` (with the algorithm's aggregator, optimizer
+    and per-device adapters), the probe when ``probes``, and the small eager operations of the
+    round (key derivation, the global aggregation for every number of groups). Run them in any
+    order, concurrently (``hfl_jax.driver.precompile``)."""
+    present = np.ones(env.num_devices, bool)
+    ranks = full_ranks(env) if ranks is None else ranks
+    key = round_key(env, 0)
+    out = []
+    for k in range(env.num_groups):
+        g = group_view(env, k, present, ranks)
+        for d in depths:
+            fn, args = _group_round_call(env, trainable, g, depth=int(d), aggregator=aggregator,
+                                         optimizer=optimizer, device_lora=device_lora)
+            out.append(functools.partial(fn.precompile, *args(trainable, jax.random.fold_in(key, 0))))
+        if probes:
+            fn, args = _probe_call(env, g)
+            out.append(functools.partial(fn.precompile, *args(trainable, key)))
+
+    def eager_ops():
+        # compiled on first use per shape: fold_in, the finite flags' AND, the cloud's aggregation
+        jax.block_until_ready(jax.random.fold_in(jax.random.fold_in(key, 0), 0))
+        flags = env.axis.put(np.ones(len(env.group_slots[0]), bool))
+        jax.block_until_ready(flags & flags)
+        for n in range(1, env.num_groups + 1):
+            jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n))
+    return out + [eager_ops]
 
 
 def group_cost(env: Env, g: GroupView, depth: int, tau: int, *, hierarchical: bool, probe: bool,
