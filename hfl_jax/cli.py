@@ -37,6 +37,9 @@ def _progress(stream=None):
     def show(event: str, info: dict) -> None:
         if event == "setup":
             bar.update(task, description=f"set-up: {info['what']}")
+        elif event == "compile":
+            bar.update(task, description="compiling the rounds' programs ahead of time",
+                       total=info["total"], completed=info["done"])
         elif event == "round_start":
             what = f"round {info['round']}/{info['total']}"
             if info["compiling"]:   # the first group that draws a depth compiles it

@@ -127,6 +127,9 @@ class TrainConfig:
     # train/probe/evaluate from it. Exact while those layers' LoRA is never trained (refused when
     # an arm has depth L). Memory: 4 * T * H bytes per training and eval example.
     cache_frozen_layers: bool = False
+    # Compile every program the rounds may run before round 1, concurrently (hfl_jax.driver.precompile);
+    # false: each compiles when a round first needs it. Results are identical either way.
+    compile_ahead: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -416,6 +416,28 @@ def _notify(progress: Callable | None, event: str, **info) -> None:
         progress(event, info)
 
 
+def precompile(exp: Experiment, state: AlgoState, progress: Callable[[str, dict], None] | None = None,
+               workers: int | None = None) -> int:
+    """Compiles every program the run's rounds may run (the algorithm's ``programs``: each group at
+    each depth of its arm grid, the probe, small eager operations; and the evaluation) before
+    round 1, concurrently in a thread pool of ``workers`` (default: the machine's cores); XLA
+    compiles outside Python's GIL. Returns how many programs it compiled. Results are unchanged:
+    the rounds call the same programs, compiled earlier (``hfl_jax.fed.xla``)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    env = exp.env
+    thunks = list(exp.algorithm.programs(env, state)) if exp.algorithm.programs else []
+    evaluate = make_evaluate(env.model)
+    thunks.append(lambda: evaluate.precompile(state.trainable, env.base, exp.eval_data))
+    _notify(progress, "compile", done=0, total=len(thunks))
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(t) for t in thunks]
+        for i, f in enumerate(as_completed(futures)):
+            f.result()
+            _notify(progress, "compile", done=i + 1, total=len(thunks))
+    return len(thunks)
+
+
 def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
                progress: Callable[[str, dict], None] | None = None, started: float | None = None) -> dict:
     """Runs rounds from ``state`` until a stop condition; writes metrics.jsonl, checkpoints, summary.json.
@@ -438,6 +460,9 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
         _write_jsonl(metrics_path, history)   # drop lines past the checkpoint we resumed from
     writer = _tensorboard(out_dir) if (cfg.tensorboard and main) else None
     compiled: set = set()
+    if t.compile_ahead and stop_reason(history, state, t) is None:
+        precompile(exp, state, progress)
+        compiled = {int(d) for d in exp.algorithm.depths}
     while stop_reason(history, state, t) is None:
         _notify(progress, "round_start", round=state.round + 1, total=t.rounds,
                 compiling=sorted({int(d) for d in exp.algorithm.depths} - compiled))

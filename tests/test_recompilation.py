@@ -75,3 +75,32 @@ def test_counter_sees_a_recompilation():
         f(b).block_until_ready()
         f(c).block_until_ready()
     assert counter.count("double") == 2, counter.names
+
+
+def test_precompiled_executables_serve_later_calls_without_compiling():
+    """``jit(...).precompile`` compiles once ahead of time; calls with the same signature (other values,
+    also under a thread pool) compile nothing and give the same results as the jitted function."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hfl_jax.fed.xla import jit
+
+    def affine(x, w, scale=1.0):
+        return jnp.tanh(x @ w) * scale
+
+    f = jit(affine)
+    x, w = jnp.ones((4, 3)), jnp.full((3, 2), 0.5)
+    x8 = jnp.ones((8, 3))
+    with CompileCounter() as counter:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda a: f.precompile(a, w, scale=2.0), [x, x8]))
+    assert counter.count("affine") == 2 and len(f.compiled) == 2
+    x1, w2 = jax.block_until_ready((x + 1, w * 2))   # other values, same signatures
+    with CompileCounter() as counter:
+        y = f(x1, w, scale=3.0)
+        y8 = f(x8, w2, scale=2.0)
+        jax.block_until_ready((y, y8))
+    assert counter.names == [], counter.names
+    np.testing.assert_allclose(np.asarray(y), np.asarray(jax.jit(affine)(x1, w, scale=3.0)), rtol=1e-6)
+    with CompileCounter() as counter:
+        f(jnp.ones((5, 3)), w).block_until_ready()   # a new shape: the jit path compiles it
+    assert counter.count("affine") == 1

@@ -6,6 +6,8 @@ algorithm module builds a :class:`FedAlgorithm` from its hyperparameters:
 * ``init(env, key) -> AlgoState``: the state before round 1.
 * ``round(env, state, key) -> (AlgoState, record)``: one global round; ``key`` is the
   round's PRNG key, ``record`` a JSON-able dict (one line of ``metrics.jsonl``).
+* ``programs(env, state) -> [callable]`` (optional): compile every program ``round`` may run,
+  so the driver can compile them all, concurrently, before round 1.
 
 ``env`` (:class:`~hfl_jax.fed.env.Env`) is everything fixed for the run (model, frozen
 base, groups' data, device axis, profiles, workload). The builder also says how devices
@@ -41,3 +43,6 @@ class FedAlgorithm(NamedTuple):
     init: Callable[..., AlgoState]      # (env, key) -> state
     round: Callable[..., tuple]         # (env, state, key) -> (state, record)
     probes: bool = False                # scores a probe (then the driver may hold examples out for it)
+    # (env, state) -> zero-argument callables compiling every program a round may run
+    # (hfl_jax.algos.stages.programs); None: nothing ahead of time
+    programs: Callable[..., list] | None = None

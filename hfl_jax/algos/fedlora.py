@@ -68,7 +68,14 @@ def flat(name: str, num_layers: int, *, aggregator: Any = FedAvg(), optimizer: C
         new, record = stages.finish_round(state, trainable, [cost], [rec], bad_ids, host=host, device=device)
         return new, dict(record, **describe(host))
 
-    return FedAlgorithm(name, (num_layers,), one_group, init, round_)
+    def programs(env, state: AlgoState) -> list:
+        return stages.programs(
+            env, state.trainable, depths=(num_layers,), aggregator=aggregator,
+            optimizer=optimizer(env.optimizer) if optimizer else None,
+            device_lora=personal.starts(state.trainable["lora"], state.device) if personal else None,
+            ranks=ranks_of(state.host) if ranks_of else None)
+
+    return FedAlgorithm(name, (num_layers,), one_group, init, round_, programs=programs)
 
 
 def build(cfg, num_layers: int) -> FedAlgorithm:

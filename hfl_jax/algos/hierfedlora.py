@@ -90,7 +90,10 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
         trainable = stages.global_aggregate(state.trainable, results)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
-    return FedAlgorithm(name, tuple(sorted(set(arm_depths.tolist()))), group, init, round_, probes=selector.probes)
+    depths = tuple(sorted(set(arm_depths.tolist())))
+    return FedAlgorithm(name, depths, group, init, round_, probes=selector.probes,
+                        programs=lambda env, state: stages.programs(env, state.trainable, depths=depths,
+                                                                    probes=selector.probes))
 
 
 def _grid(acfg, num_layers):

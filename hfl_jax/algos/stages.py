@@ -11,14 +11,15 @@ round is a pure function of ``(env, state, key)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
-from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, rows_multiple
+from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, row_counts, rows_multiple
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
@@ -109,6 +110,16 @@ def _device_ids(env: Env, g: GroupView) -> jax.Array:
     return env.axis.put(_slot_ids(env, g))
 
 
+def possible_packs(env: Env, g: GroupView, key: jax.Array) -> list[tuple[PackSpec | None, dict]]:
+    """Every ``(PackSpec, {"plan": ...})`` a round of group ``g`` may use (one plan's arrays: their
+    shapes do not depend on the row count), or ``[(None, {})]`` without packing."""
+    pack, plan = packed_plan(env, g, key)
+    if pack is None:
+        return [(None, {})]
+    w = env.workload
+    return [(pack._replace(rows=r), plan) for r in row_counts(w.batch_size, w.seq_len, env.pack_row_len)]
+
+
 def packed_plan(env: Env, g: GroupView, key: jax.Array) -> tuple[PackSpec | None, dict]:
     """``(PackSpec, {"plan": ...})`` of group ``g``'s round with key ``key`` when the environment packs
     training steps (:mod:`hfl_jax.data.packing`: the batches drawn ahead on the host and placed in rows),
@@ -131,6 +142,20 @@ class GroupTraining(NamedTuple):
     devices: Any = None                # with device_lora: the devices' trained trainables [S, ...]
 
 
+def _group_round_fn(env: Env, *, depth: int, aggregator: Any, optimizer: Any, per_device: bool, pack: Any) -> Any:
+    """The compiled group round (:func:`~hfl_jax.fed.engine.make_group_round`) of this environment."""
+    return make_group_round(env.model, optimizer or env.optimizer, depth=depth,
+                            local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                            n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device, pack=pack)
+
+
+def _group_inputs(env: Env, g: GroupView, device_lora: Any) -> tuple:
+    """``(data, device ids, weights, ranks, extra)``: group ``g``'s arguments of the group round, placed."""
+    axis = env.axis
+    extra = (device_lora,) if device_lora is not None else ()
+    return env.group_data[g.k], _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks), extra
+
+
 def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int, key: jax.Array,
                 aggregator: Any = FedAvg(), optimizer: Any = None, device_lora: Any = None
                 ) -> tuple[Any, GroupTraining]:
@@ -142,17 +167,14 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     Metrics stay on the accelerator through the loop; the host reads them once at the end.
     """
     per_device = device_lora is not None
-    axis, data = env.axis, env.group_data[g.k]
-    dev_ids, w_dev, rank_dev = _device_ids(env, g), axis.put(g.weights), axis.put(g.ranks)
-    extra = (device_lora,) if per_device else ()
+    data, ids, weights, ranks, extra = _group_inputs(env, g, device_lora)
     tr, finite, devices = trainable, None, None
     for t in range(tau):
-        pack, plan = packed_plan(env, g, jax.random.fold_in(key, t))
-        fn = make_group_round(env.model, optimizer or env.optimizer, depth=depth,
-                              local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
-                              n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device,
-                              pack=pack)
-        out = fn(tr, env.base, data, dev_ids, w_dev, jax.random.fold_in(key, t), rank_dev, *extra, **plan)
+        key_t = jax.random.fold_in(key, t)
+        pack, plan = packed_plan(env, g, key_t)
+        fn = _group_round_fn(env, depth=depth, aggregator=aggregator, optimizer=optimizer, per_device=per_device,
+                             pack=pack)
+        out = fn(tr, env.base, data, ids, weights, key_t, ranks, *extra, **plan)
         tr, m = out[0], out[1]
         devices = out[2] if per_device else None
         finite = m.finite if finite is None else finite & m.finite
@@ -162,17 +184,60 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     return tr, GroupTraining(bad, float(g.weights[~bad].sum()), train_loss, devices)
 
 
+def _probe_call(env: Env, g: GroupView) -> tuple[Any, Callable]:
+    """``(compiled probe, (trainable, key) -> its arguments)`` of group ``g`` (held-out examples if any)."""
+    held_out = env.probe_data is not None
+    data = env.probe_data[g.k] if held_out else env.group_data[g.k]
+    fn = make_probe(env.model, env.workload.batch_size, env.probe_n_max if held_out else env.n_max, env.axis)
+    ids = _device_ids(env, g)
+    return fn, lambda tr, key: (tr, env.base, data, ids, jax.random.fold_in(key, PROBE_SALT))
+
+
 def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
     """Mean loss of ``trainable`` over one batch per present device of group ``g``, drawn with the
     group's probe key (the same batches before and after training): the bandit's progress signal.
     Scored on the devices' held-out probe examples when the run holds some out
     (``algorithm.bandit.probe_holdout``), else on their training examples."""
-    held_out = env.probe_data is not None
-    data = env.probe_data[g.k] if held_out else env.group_data[g.k]
-    fn = make_probe(env.model, env.workload.batch_size, env.probe_n_max if held_out else env.n_max, env.axis)
-    loss, n = fn(trainable, env.base, data, _device_ids(env, g), jax.random.fold_in(key, PROBE_SALT))
+    fn, args = _probe_call(env, g)
+    loss, n = fn(*args(trainable, key))
     pw = np.asarray(n) * g.present
     return float((np.asarray(loss) * pw).sum() / max(pw.sum(), 1))
+
+
+def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregator: Any = FedAvg(),
+             optimizer: Any = None, device_lora: Any = None, ranks: np.ndarray | None = None) -> list[Callable]:
+    """Zero-argument callables that compile, ahead of time, every program a round of an algorithm
+    may run: each group's round at each of ``depths`` (with the algorithm's aggregator, optimizer
+    and per-device adapters), the probe when ``probes``, and the small eager operations of the
+    round (key derivation, the global aggregation for every number of groups). Run them in any
+    order, concurrently (``hfl_jax.driver.precompile``)."""
+    present = np.ones(env.num_devices, bool)
+    ranks = full_ranks(env) if ranks is None else ranks
+    key = round_key(env, 0)
+    out = []
+    per_device = device_lora is not None
+    for k in range(env.num_groups):
+        g = group_view(env, k, present, ranks)
+        data, ids, weights, ranks_k, extra = _group_inputs(env, g, device_lora)
+        key0 = jax.random.fold_in(key, 0)
+        for d in depths:
+            for pack, plan in possible_packs(env, g, key0):
+                fn = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
+                                     per_device=per_device, pack=pack)
+                out.append(functools.partial(fn.precompile, trainable, env.base, data, ids, weights, key0, ranks_k,
+                                             *extra, **plan))
+        if probes:
+            fn, args = _probe_call(env, g)
+            out.append(functools.partial(fn.precompile, *args(trainable, key)))
+
+    def eager_ops():
+        # compiled on first use per shape: fold_in, the finite flags' AND, the cloud's aggregation
+        jax.block_until_ready(jax.random.fold_in(jax.random.fold_in(key, 0), 0))
+        flags = env.axis.put(np.ones(len(env.group_slots[0]), bool))
+        jax.block_until_ready(flags & flags)
+        for n in range(1, env.num_groups + 1):
+            jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n))
+    return out + [eager_ops]
 
 
 def group_cost(env: Env, g: GroupView, depth: int, tau: int, *, hierarchical: bool, probe: bool,

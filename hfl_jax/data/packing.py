@@ -147,6 +147,16 @@ def rows_multiple(batch_size: int, seq_len: int, row_len: int) -> int:
     return max(1, -(-batch_size * seq_len // (4 * row_len)))
 
 
+def row_counts(batch_size: int, seq_len: int, row_len: int) -> list[int]:
+    """Every row count ``R`` a packed round may use: multiples of :func:`rows_multiple` up to the
+    most rows first-fit decreasing can need. With ``k = row_len // seq_len`` sequences of at most
+    ``seq_len`` tokens fitting any row that holds fewer than ``k``, a row is only opened when every
+    open row holds ``k`` or more, so at most ``ceil(B / k)`` rows (``B`` when ``k`` is 1)."""
+    q = rows_multiple(batch_size, seq_len, row_len)
+    most = -(-batch_size // max(1, row_len // seq_len))
+    return list(range(q, -(-most // q) * q + 1, q))
+
+
 @flax.struct.dataclass
 class PackedEval:
     """The evaluation set packed: ``nb`` batches of ``R`` rows of ``L`` tokens holding ``S`` sequences each.

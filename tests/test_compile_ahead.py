@@ -1,0 +1,38 @@
+"""Compile-ahead (``train.compile_ahead``): every program a run's rounds need is compiled before
+round 1, so no round compiles anything, even when the bandit changes arms."""
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hfl_jax.config import load_config
+from hfl_jax.driver import build, next_round, precompile
+from hfl_jax.fed.engine import make_evaluate
+from test_recompilation import CompileCounter
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tests/configs/tiny_v1.yaml"
+
+
+@pytest.mark.parametrize("name", ["hierfedlora", "hetlora"])
+def test_no_round_compiles_after_compile_ahead(name):
+    # a fresh optimizer setting (lr) so no program compiled by another test is reused
+    cfg = load_config(SMOKE, [f"algorithm.name={name}", "model.tiny.num_layers=2", "algorithm.depths=[1,2]",
+                              "algorithm.taus=[1,2]", "train.lr=0.00271", "lora.rank=4",
+                              "algorithm.hetlora.ranks=[1,2,4]"])
+    exp = build(cfg)
+    state = exp.initial
+    with CompileCounter() as ahead:
+        n = precompile(exp, state)
+    assert n >= 2 and any("group_round" in x for x in ahead.names)
+    evaluate = make_evaluate(exp.env.model)
+    arms = set()
+    with CompileCounter() as rounds:
+        for _ in range(5):
+            state, rec = next_round(exp, state)
+            jax.block_until_ready(evaluate(state.trainable, exp.env.base, exp.eval_data))
+            arms |= {(g["depth"], g["tau"]) for g in rec["groups"] if not g["skipped"]}
+    assert rounds.names == [], f"compiled during rounds: {rounds.names}"
+    if name == "hierfedlora":
+        assert len({d for d, _ in arms}) == 2   # the bandit used both depths, neither compiled in a round
