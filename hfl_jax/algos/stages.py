@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
-from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, rows_multiple
+from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
@@ -114,10 +114,9 @@ def packed_plan(env: Env, g: GroupView, key: jax.Array) -> tuple[PackSpec | None
     if not env.pack_row_len:
         return None, {}
     counts = np.where(g.slots >= 0, env.counts[g.ids], 0)
-    w = env.workload
     plan, rows = plan_group_round(env.group_lengths[g.k], counts, _slot_ids(env, g), key,
-                                  num_steps=w.local_steps, batch_size=w.batch_size, row_len=env.pack_row_len,
-                                  rows_multiple=rows_multiple(w.batch_size, w.seq_len, env.pack_row_len))
+                                  num_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                                  row_len=env.pack_row_len)
     return PackSpec(rows, env.pack_row_len, position_offset(env.model.cfg)), {"plan": env.axis.put(plan)}
 
 
