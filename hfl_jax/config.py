@@ -76,6 +76,10 @@ class DataConfig:
     # pack_length tokens (default 2 x max_length); one compilation per number of rows a round needs.
     pack: bool = True
     pack_length: Optional[int] = None
+    # Rows per packed round: "run" = the most any round of the run needs (computed at start-up from
+    # the run's seeded batch draws), one program per depth, compiled ahead; "round" = each round's
+    # own (fewer rows, but a compilation per new row count, mid-run). Results equal up to float reordering.
+    pack_rows: str = "run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +341,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(0 < t.availability <= 1, "train.availability", f"must be in (0, 1], got {t.availability}")
     _require(t.chunk_size is None or t.chunk_size >= 1, "train.chunk_size", "must be >= 1")
     _require(cfg.data.length_multiple >= 1, "data.length_multiple", "must be >= 1")
+    _require(cfg.data.pack_rows in ("run", "round"), "data.pack_rows",
+             f"must be 'run' or 'round', got {cfg.data.pack_rows!r}")
     _require(cfg.data.pack_length is None or cfg.data.pack_length >= cfg.data.max_length, "data.pack_length",
              "must be >= data.max_length (a row holds at least one whole sequence)")
     _require(cfg.data.length_buckets is None or (len(cfg.data.length_buckets) > 0

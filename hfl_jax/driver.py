@@ -288,6 +288,9 @@ def build(cfg: ExperimentConfig) -> Experiment:
                   axis.put(_group_data(probe_data, s, prepare)) for s in slots),
               probe_n_max=0 if probe_data is None else probe_data.n_max,
               **_packing(cfg, model, cached, data, slots))
+    if env.pack_row_len and cfg.data.pack_rows == "run":
+        from hfl_jax.algos.stages import run_pack_rows
+        env = dataclasses.replace(env, pack_rows=run_pack_rows(env, cfg.train.rounds, algorithm.intra_rounds))
     initial = algorithm.init(env, key)
     if env.pack_row_len:
         from hfl_jax.data.packing import pack_eval, position_offset

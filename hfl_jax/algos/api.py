@@ -43,6 +43,7 @@ class FedAlgorithm(NamedTuple):
     init: Callable[..., AlgoState]      # (env, key) -> state
     round: Callable[..., tuple]         # (env, state, key) -> (state, record)
     probes: bool = False                # scores a probe (then the driver may hold examples out for it)
+    intra_rounds: int = 1               # the most intra-group rounds (tau) a group round may run
     # (env, state) -> zero-argument callables compiling every program a round may run
     # (hfl_jax.algos.stages.programs); None: nothing ahead of time
     programs: Callable[..., list] | None = None

@@ -91,7 +91,7 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
     depths = tuple(sorted(set(arm_depths.tolist())))
-    return FedAlgorithm(name, depths, group, init, round_, probes=selector.probes,
+    return FedAlgorithm(name, depths, group, init, round_, probes=selector.probes, intra_rounds=int(arm_taus.max()),
                         programs=lambda env, state: stages.programs(env, state.trainable, depths=depths,
                                                                     probes=selector.probes))
 

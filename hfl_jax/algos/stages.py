@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
-from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, row_counts, rows_multiple
+from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
@@ -110,14 +110,21 @@ def _device_ids(env: Env, g: GroupView) -> jax.Array:
     return env.axis.put(_slot_ids(env, g))
 
 
-def possible_packs(env: Env, g: GroupView, key: jax.Array) -> list[tuple[PackSpec | None, dict]]:
-    """Every ``(PackSpec, {"plan": ...})`` a round of group ``g`` may use (one plan's arrays: their
-    shapes do not depend on the row count), or ``[(None, {})]`` without packing."""
-    pack, plan = packed_plan(env, g, key)
-    if pack is None:
-        return [(None, {})]
-    w = env.workload
-    return [(pack._replace(rows=r), plan) for r in row_counts(w.batch_size, w.seq_len, env.pack_row_len)]
+def run_pack_rows(env: Env, rounds: int, intra_rounds: int) -> int:
+    """The most packed rows any group round of a run can need: the max over rounds ``[0, rounds)``,
+    groups and intra-group rounds ``[0, intra_rounds)`` of the plans' row counts (the keys are
+    the ones the rounds derive: ``fold_in(fold_in(round_key, group), t)``; a plan does not depend
+    on who takes part or which arm is pulled). With it as the row count of every round
+    (``data.pack_rows: run``) one program per depth serves the whole run."""
+    present, ranks = np.ones(env.num_devices, bool), full_ranks(env)
+    views = [group_view(env, k, present, ranks) for k in range(env.num_groups)]
+    most = 1
+    for r in range(rounds):
+        key = round_key(env, r)
+        for g in views:
+            for t in range(intra_rounds):
+                most = max(most, packed_plan(env, g, jax.random.fold_in(jax.random.fold_in(key, g.k), t))[0].rows)
+    return most
 
 
 def packed_plan(env: Env, g: GroupView, key: jax.Array) -> tuple[PackSpec | None, dict]:
@@ -127,10 +134,11 @@ def packed_plan(env: Env, g: GroupView, key: jax.Array) -> tuple[PackSpec | None
     if not env.pack_row_len:
         return None, {}
     counts = np.where(g.slots >= 0, env.counts[g.ids], 0)
-    w = env.workload
     plan, rows = plan_group_round(env.group_lengths[g.k], counts, _slot_ids(env, g), key,
-                                  num_steps=w.local_steps, batch_size=w.batch_size, row_len=env.pack_row_len,
-                                  rows_multiple=rows_multiple(w.batch_size, w.seq_len, env.pack_row_len))
+                                  num_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
+                                  row_len=env.pack_row_len)
+    if env.pack_rows:   # the run's fixed row count (it holds every round's plan: run_pack_rows)
+        rows = env.pack_rows
     return PackSpec(rows, env.pack_row_len, position_offset(env.model.cfg)), {"plan": env.axis.put(plan)}
 
 
@@ -221,11 +229,13 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
         data, ids, weights, ranks_k, extra = _group_inputs(env, g, device_lora)
         key0 = jax.random.fold_in(key, 0)
         for d in depths:
-            for pack, plan in possible_packs(env, g, key0):
-                fn = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
-                                     per_device=per_device, pack=pack)
-                out.append(functools.partial(fn.precompile, trainable, env.base, data, ids, weights, key0, ranks_k,
-                                             *extra, **plan))
+            pack, plan = packed_plan(env, g, key0)
+            if pack is not None and not env.pack_rows:
+                continue   # rows per round: each row count compiles when a round first needs it
+            fn = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
+                                 per_device=per_device, pack=pack)
+            out.append(functools.partial(fn.precompile, trainable, env.base, data, ids, weights, key0, ranks_k,
+                                         *extra, **plan))
         if probes:
             fn, args = _probe_call(env, g)
             out.append(functools.partial(fn.precompile, *args(trainable, key)))

@@ -120,17 +120,18 @@ def sample_group_indices(round_key: Array, device_ids: Array, counts: Array, *, 
 
 
 def plan_group_round(lengths: np.ndarray, counts: np.ndarray, device_ids: np.ndarray, round_key: Array, *,
-                     num_steps: int, batch_size: int, row_len: int, rows_multiple: int = 1
-                     ) -> tuple[dict[str, np.ndarray], int]:
+                     num_steps: int, batch_size: int, row_len: int) -> tuple[dict[str, np.ndarray], int]:
     """The batches of a group round, drawn on the host, and their packing.
 
     Args:
       lengths: ``[M, n_max]`` real tokens of every row of the group's devices (0 on padding rows).
       counts, device_ids: ``[M]`` rows and global ids of the device slots (as the round gets them).
       round_key: the round's key (the compiled round would draw the same indices from it).
-      rows_multiple: ``R`` is rounded up to a multiple of this (fewer distinct shapes to compile).
 
-    Returns ``({"idx", "mask", "row", "offset"}`` each ``[M, E, B]``, ``R``).
+    Returns ``({"idx", "mask", "row", "offset"}`` each ``[M, E, B]``, ``R``). ``R`` is not rounded:
+    it is the maximum over all ``M * E`` device-steps, so it varies little from round to round
+    (SST-2 study: 5 rows of 64 in 13 of 15 rounds, 6 in 2), and rounding it up to save one
+    compilation cost more in every round than the compilation (measured, benchmarks/RESULTS.md).
     """
     n_max = lengths.shape[1]
     idx, mask = sample_group_indices(round_key, jnp.asarray(device_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
@@ -138,23 +139,7 @@ def plan_group_round(lengths: np.ndarray, counts: np.ndarray, device_ids: np.nda
     idx, mask = np.asarray(idx), np.asarray(mask)
     used = np.take_along_axis(lengths, idx.reshape(len(idx), -1), axis=1).reshape(idx.shape) * mask
     row, offset, rows = plan_packing(used, row_len)
-    return {"idx": idx, "mask": mask, "row": row, "offset": offset}, -(-rows // rows_multiple) * rows_multiple
-
-
-def rows_multiple(batch_size: int, seq_len: int, row_len: int) -> int:
-    """The rounding of a round's row count: a quarter of the rows an unpacked batch fills
-    (``B * T / L``), so at most about four row counts (programs) between a quarter full and unpacked."""
-    return max(1, -(-batch_size * seq_len // (4 * row_len)))
-
-
-def row_counts(batch_size: int, seq_len: int, row_len: int) -> list[int]:
-    """Every row count ``R`` a packed round may use: multiples of :func:`rows_multiple` up to the
-    most rows first-fit decreasing can need. With ``k = row_len // seq_len`` sequences of at most
-    ``seq_len`` tokens fitting any row that holds fewer than ``k``, a row is only opened when every
-    open row holds ``k`` or more, so at most ``ceil(B / k)`` rows (``B`` when ``k`` is 1)."""
-    q = rows_multiple(batch_size, seq_len, row_len)
-    most = -(-batch_size // max(1, row_len // seq_len))
-    return list(range(q, -(-most // q) * q + 1, q))
+    return {"idx": idx, "mask": mask, "row": row, "offset": offset}, rows
 
 
 @flax.struct.dataclass

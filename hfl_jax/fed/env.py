@@ -43,6 +43,7 @@ class Env:
     # group_lengths holds per group the real tokens of every row, [S, n_max] int (host numpy).
     pack_row_len: int = 0
     group_lengths: tuple = ()
+    pack_rows: int = 0                 # rows of every packed round (data.pack_rows: run); 0: each round's own
 
     @property
     def num_groups(self) -> int:
