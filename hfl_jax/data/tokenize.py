@@ -7,6 +7,7 @@ RoBERTa-style `<s> a </s></s> b </s>` with no token types (we then return zeros)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,10 +52,16 @@ def resolve_tokenizer(name_or_path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
-    """`transformers.AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path))` (fast)."""
+    """`transformers.AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path))` (fast), loaded
+    once per process and resolved path (a run tokenizes its train and evaluation splits with it)."""
+    return _load_tokenizer(str(resolve_tokenizer(name_or_path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(resolved: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path), use_fast=True)
+    return AutoTokenizer.from_pretrained(resolved, use_fast=True)
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:

@@ -80,6 +80,7 @@ def jit(fun=None, **kwargs):
     opts = dict(compiler_options())
     fast = jax.jit(fun, compiler_options=opts, **kwargs) if opts else plain
     compiled: dict = {}           # signature -> jax.stages.Compiled
+    pending: dict = {}            # signature -> threading.Event set once its compilation ended
     lock = threading.Lock()
 
     @functools.wraps(fun)
@@ -104,9 +105,22 @@ def jit(fun=None, **kwargs):
         with lock:
             if key in compiled:
                 return compiled[key]
-        exe = fast.lower(*args, **kw).compile()
-        with lock:
-            return compiled.setdefault(key, exe)
+            first = key not in pending
+            if first:   # the first caller compiles; concurrent callers with this signature wait for it
+                pending[key] = threading.Event()
+            done = pending[key]
+        if not first:
+            done.wait()
+            if key in compiled:
+                return compiled[key]
+            return fast.lower(*args, **kw).compile()   # the first caller failed: fail (or succeed) here too
+        try:
+            exe = fast.lower(*args, **kw).compile()
+            with lock:
+                compiled[key] = exe
+            return exe
+        finally:
+            done.set()
 
     call.lower = fast.lower
     call.precompile = precompile
