@@ -33,3 +33,17 @@ def test_round_speed_help_documents_flags():
     for flag in ("--model", "--devices", "--batch", "--seq-len", "--steps", "--depth", "--rank", "--repeats",
                  "--methods", "--sweep"):
         assert flag in proc.stdout
+
+
+def test_e2e_peer_draws_epoch_style_batches():
+    """benchmarks/e2e_peft.py's sampler: E batches of min(count, B) rows, no row twice within an epoch."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import numpy as np
+    from e2e_peft import device_batches
+
+    batches = device_batches(np.random.default_rng(0), 10, 5, 4)
+    assert [len(b) for b in batches] == [4] * 5
+    stream = np.concatenate(batches)
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    small = device_batches(np.random.default_rng(0), 3, 2, 8)
+    assert all(sorted(b) == [0, 1, 2] for b in small)

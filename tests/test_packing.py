@@ -2,19 +2,20 @@
 
 What holds: packed and padded batches give the same logits, loss and gradients within 1e-5
 (f32; not bit-identical: the softmax sums run over rows of another length and XLA blocks the
-matmuls of a [R*L, H] operand differently), the same group round (trained adapters within 1e-5,
-the same batches: the host draws the indices the compiled round would), and the same evaluation.
+matmuls of a [R*L, H] operand differently), the host draws exactly the batches the compiled round
+draws, and evaluation agrees within 1e-5. Whole driver rounds packed vs padded:
+tests/test_fast_paths.py.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_fixtures import CFG, OPT, T, setup
+from engine_fixtures import CFG, T, setup
 from hfl_jax.data import eval_batches, gather_batches
 from hfl_jax.data.packing import (PackSpec, first_fit_decreasing, pack_batch, pack_eval, plan_group_round,
                                   position_offset)
-from hfl_jax.fed.engine import make_evaluate, make_group_round
+from hfl_jax.fed.engine import make_evaluate
 from hfl_jax.fed.local import base_of, make_loss_fn
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora
 
@@ -67,24 +68,23 @@ def test_packed_batch_gives_the_padded_logits_loss_and_gradients(kind):
     _close(grad(trainable, batch), grad(trainable, packed))
 
 
-def test_packed_group_round_equals_the_padded_one():
-    model, params, trainable, data, sizes = setup()
-    ids, w, key = jnp.arange(8, dtype=jnp.int32), jnp.asarray(sizes), jax.random.PRNGKey(5)
+def test_host_plan_draws_the_batches_of_the_compiled_round_and_packs_them_smaller():
+    """The group round itself, packed vs padded through the driver, is compared in
+    tests/test_fast_paths.py::test_driver_rounds_with_trimming_cache_and_packing_equal_plain."""
+    from hfl_jax.data import sample_batch_indices
+
+    _, _, _, data, _ = setup()
+    key = jax.random.PRNGKey(5)
     lengths = np.asarray(data.attention_mask).sum(-1)
-    plan, rows = plan_group_round(lengths, np.asarray(data.counts), np.asarray(ids), key, num_steps=E,
+    plan, rows = plan_group_round(lengths, np.asarray(data.counts), np.arange(8), key, num_steps=E,
                                   batch_size=B, row_len=L)
     assert rows < B                              # the packed step is smaller than the padded one
-    kw = dict(depth=2, local_steps=E, batch_size=B, n_max=data.n_max)
-    padded, m1 = make_group_round(model, OPT, **kw)(trainable, base_of(params), data, ids, w, key)
-    packed, m2 = make_group_round(model, OPT, **kw, pack=PackSpec(rows, L, 0))(
-        trainable, base_of(params), data, ids, w, key, plan=plan)
-    _close(padded, packed)
-    _close((m1.loss, m1.count, m1.weight), (m2.loss, m2.count, m2.weight))
-    # the host drew exactly the batches the compiled round draws
-    from hfl_jax.data import sample_batch_indices
-    idx, mask = sample_batch_indices(key, 7, data.counts[7], data.n_max, E, B)
-    np.testing.assert_array_equal(plan["idx"][7], idx)
-    np.testing.assert_array_equal(plan["mask"][7], mask)
+    for d in (0, 7):
+        idx, mask = sample_batch_indices(key, d, data.counts[d], data.n_max, E, B)
+        np.testing.assert_array_equal(plan["idx"][d], idx)
+        np.testing.assert_array_equal(plan["mask"][d], mask)
+    used = np.take_along_axis(lengths, plan["idx"].reshape(8, -1), 1).reshape(plan["idx"].shape) * plan["mask"]
+    assert (plan["offset"] + used <= L).all() and (plan["row"] < rows).all()
 
 
 def test_packed_evaluation_equals_the_padded_one():
