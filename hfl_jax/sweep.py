@@ -190,13 +190,17 @@ def tuning_runs(study: Study) -> list[Run]:
 
 def final_runs(study: Study, chosen: Mapping[tuple, Any]) -> list[Run]:
     """The reported runs: every (setting, method, seed) at its chosen value (``chosen[(setting,
-    method)]``; methods with ``lr_from`` read their source's)."""
+    method)]``; methods with ``lr_from`` read their source's). Ordered setting, then seed, then method,
+    so that an interrupted study has the same seeds of every method (paired comparisons) so far."""
     out = []
     for s, _ in study.settings:
-        for m, spec in study.methods:
-            value = chosen.get((dict(study.tuned_in).get(s, s), spec.lr_from or m)) if study.tune else None
-            out += [Run("final", s, m, seed, value, study.out / "runs" / s / m / f"s{seed}")
-                    for seed in (spec.seeds or study.seeds)]
+        all_seeds = sorted({seed for _, spec in study.methods for seed in (spec.seeds or study.seeds)})
+        for seed in all_seeds:
+            for m, spec in study.methods:
+                if seed not in (spec.seeds or study.seeds):
+                    continue
+                value = chosen.get((dict(study.tuned_in).get(s, s), spec.lr_from or m)) if study.tune else None
+                out.append(Run("final", s, m, seed, value, study.out / "runs" / s / m / f"s{seed}"))
     return out
 
 
