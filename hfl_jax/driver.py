@@ -64,7 +64,8 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
                              num_layers=t.num_layers, num_heads=t.num_heads, intermediate_size=t.intermediate_size,
                              max_position_embeddings=max(512, cfg.data.max_length), num_labels=num_labels)
         model = EncoderModel(ecfg, compute_dtype=dtype)
-        params = model.init(jax.random.PRNGKey(cfg.seed))
+        # one compiled program (op by op it compiled dozens: seconds on CPU); the same bits (layers.dense_init)
+        params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed))
     else:
         import warnings
 
@@ -77,6 +78,14 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
         model = dataclasses.replace(model, unroll=True)
     model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat)
     return model, params
+
+
+def _model_and_adapters(cfg: ExperimentConfig, num_labels: int) -> tuple:
+    """``(model, params, lora)``: :func:`build_model` and the initial adapters (seeded by ``cfg.seed``)."""
+    model, params = build_model(cfg, num_labels)
+    lora = init_lora(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), SALT_LORA_INIT), model.cfg,
+                     LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
+    return model, params, lora
 
 
 def training_rows(cfg: ExperimentConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,19 +105,16 @@ def training_rows(cfg: ExperimentConfig, n: int) -> tuple[np.ndarray, np.ndarray
     return pool, valid
 
 
-def load_data(cfg: ExperimentConfig):
-    """Tokenized train and evaluation arrays (seeded subsets if configured) and the label names.
-    The evaluation set is the task's evaluation split, or with ``data.evaluate: validation`` the
-    validation set carved from the training split (:func:`training_rows`). Rows are chosen before
-    tokenization, so only the rows a run uses are tokenized (and cached)."""
-    from hfl_jax.data import load_task, tokenize_dataset
+def load_text(cfg: ExperimentConfig):
+    """``(train, evaluation)`` :class:`~hfl_jax.data.TextDataset` of the rows a run uses, untokenized:
+    the seeded training subset, and the task's evaluation split or, with ``data.evaluate:
+    validation``, the validation set carved from the training split (:func:`training_rows`)."""
+    from hfl_jax.data import load_task
 
     d = cfg.data
-    tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
     ds = load_task(d.task, "train", data_dir=d.data_dir, custom=d.custom)
     rows, valid_rows = training_rows(cfg, len(ds))
-    # draw the rows first and tokenize only them (the token cache is keyed by them)
-    train = tokenize_dataset(ds if len(rows) == len(ds) else ds.take(rows), tokenizer, d.max_length)
+    train = ds if len(rows) == len(ds) else ds.take(rows)
     if d.evaluate == "validation":
         evals_ds = ds.take(valid_rows)
     else:
@@ -116,7 +122,24 @@ def load_data(cfg: ExperimentConfig):
     if d.eval_subset is not None and d.eval_subset < len(evals_ds):
         evals_ds = evals_ds.take(np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 1]).choice(
             len(evals_ds), d.eval_subset, replace=False)))
-    return train, tokenize_dataset(evals_ds, tokenizer, d.max_length), ds.label_names
+    return train, evals_ds
+
+
+def tokenize_text(cfg: ExperimentConfig, *datasets) -> list[dict]:
+    """Each dataset tokenized (and cached) with the run's tokenizer and ``data.max_length``."""
+    from hfl_jax.data import tokenize_dataset
+
+    d = cfg.data
+    tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
+    return [tokenize_dataset(ds, tokenizer, d.max_length) for ds in datasets]
+
+
+def load_data(cfg: ExperimentConfig):
+    """Tokenized train and evaluation arrays (:func:`load_text`, then :func:`tokenize_text`) and the
+    label names. Rows are chosen before tokenization, so only the rows a run uses are tokenized
+    (and cached)."""
+    train, evals = load_text(cfg)
+    return (*tokenize_text(cfg, train, evals), train.label_names)
 
 
 def partition_devices(cfg: ExperimentConfig, labels: np.ndarray) -> list[np.ndarray]:
@@ -242,8 +265,16 @@ def build(cfg: ExperimentConfig) -> Experiment:
     """Everything deterministic from the config: model, data, partition, profiles, groups, state 0."""
     from hfl_jax.data import eval_batches, make_device_data
 
-    train, valid, label_names = load_data(cfg)
-    model, params = build_model(cfg, len(label_names))
+    from concurrent.futures import ThreadPoolExecutor
+
+    train_text, valid_text = load_text(cfg)
+    label_names = train_text.label_names
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # the model's initialization (mostly XLA compilations, outside the GIL) runs while the
+        # tokenizer loads and tokenizes (Python): seconds of start-up on a cold cache
+        model_future = pool.submit(_model_and_adapters, cfg, len(label_names))
+        train, valid = tokenize_text(cfg, train_text, valid_text)
+        model, params, lora = model_future.result()
     parts = partition_devices(cfg, train["labels"])
     num_classes = len(label_names)
     label_counts = np.stack([np.bincount(train["labels"][p], minlength=num_classes) for p in parts])
@@ -273,8 +304,6 @@ def build(cfg: ExperimentConfig) -> Experiment:
                              f"or use a depth grid below {model.num_layers}")
     prepare = _data_preparer(cfg, model, base, cached)
     probe_data = make_device_data(train, probe_parts) if probe_parts is not None else None
-    lora = init_lora(jax.random.fold_in(key, SALT_LORA_INIT), model.cfg,
-                     LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
     if cached:
         from hfl_jax.fed.frozen_cache import check_untouched
         check_untouched(lora, cached)

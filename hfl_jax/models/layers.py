@@ -39,7 +39,14 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 
 def dense_init(cfg: EncoderConfig):
-    return nn.initializers.normal(stddev=cfg.initializer_range)
+    """``normal(0, initializer_range)``. The barrier keeps XLA from folding the scale into the
+    sampler's own constants when the initialization is compiled as one program, so a jitted
+    ``EncoderModel.init`` gives the same bits as the op-by-op one."""
+    stddev = cfg.initializer_range
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype)) * jnp.asarray(stddev, dtype)
+    return init
 
 
 class LoRADense(nn.Module):
