@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("-E", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum"))
+    ap.add_argument("--flat-opt", action="store_true", help="optax.flatten the optimizer (one update kernel)")
     args = ap.parse_args(argv)
 
     peak0 = rs.measure_peak(1024, 3)
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     L = setup.model.num_layers
     w = rs.Work(M=args.M, B=args.B, T=args.T, E=args.E, d=L, rank=8, alpha=16.0, lr=1e-3)
     data, trainable, ids, weights, key = rs._inputs(setup, w, 0)
-    fn = rs.make_group_round(setup.model, optax.adam(w.lr), depth=L, local_steps=w.E, batch_size=w.B,
+    opt = optax.flatten(optax.adam(w.lr)) if args.flat_opt else optax.adam(w.lr)
+    fn = rs.make_group_round(setup.model, opt, depth=L, local_steps=w.E, batch_size=w.B,
                              n_max=data.n_max)
     jargs = jax.device_put((trainable, rs.base_of(setup.params), data, ids, weights, key))
     compiled = fn.lower(*jargs).compile()

@@ -39,6 +39,7 @@ class ModelConfig:
     compute_dtype: str = "float32"      # float32 | bfloat16 (mixed precision: hfl_jax/models/precision.py)
     attention: str = "auto"             # auto | xla | cudnn | einsum (BERT/RoBERTa attention kernel)
     remat: str = "none"                 # none | dots | dense | full (hfl_jax/models/precision.py)
+    unroll: str = "auto"                # auto | always | never: unroll the layer loop (driver.auto_unroll)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +375,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"one of auto, xla, cudnn, einsum; got {cfg.model.attention!r}")
     _require(cfg.model.remat in ("none", "dots", "dense", "full"), "model.remat",
              f"one of none, dots, dense, full; got {cfg.model.remat!r}")
+    _require(cfg.model.unroll in ("auto", "always", "never"), "model.unroll",
+             f"one of auto, always, never; got {cfg.model.unroll!r}")
     b = a.bandit
     _require(0 < b.gamma <= 1, "algorithm.bandit.gamma", f"must be in (0, 1], got {b.gamma}")
     _require(b.phi >= 0 and b.nu >= 0, "algorithm.bandit", "phi and nu must be >= 0")

@@ -48,14 +48,27 @@ def sub_seed(seed: int, salt: int) -> int:
 
 # Unroll the layer lax.scan up to this depth: no per-step zero-fill and dynamic slicing of the
 # scan's stacked residuals, fusion across layers (benchmarks/RESULTS.md: 2-7% faster rounds on
-# CPU for MiniLM-L6), at the price of compile time growing with L.
+# CPU for MiniLM-L6, 16% on the study's group round), at the price of compile time growing with L.
 UNROLL_MAX_LAYERS = 12
+# On CPU a narrow encoder gains nothing from unrolling and compiles slower (RESULTS.md, issue 16
+# item 3: the smoke encoder, hidden 32, depth 2: 4.85 s compile / 30 ms per round unrolled,
+# 3.78 s / 26 ms rolled; MiniLM, hidden 384, depth 6: 3.88 s / 1.20 s unrolled, 2.77 s / 1.40 s rolled).
+UNROLL_MIN_HIDDEN_CPU = 256
+
+
+def auto_unroll(ecfg: EncoderConfig, backend: str) -> bool:
+    """``model.unroll: auto``: unroll the layer loop of models of at most :data:`UNROLL_MAX_LAYERS`
+    layers, on CPU only when they are at least :data:`UNROLL_MIN_HIDDEN_CPU` wide. (Accelerators:
+    not yet measured, so the earlier rule, unroll up to 12 layers, stays.)"""
+    if ecfg.num_layers > UNROLL_MAX_LAYERS:
+        return False
+    return backend != "cpu" or ecfg.hidden_size >= UNROLL_MIN_HIDDEN_CPU
 
 
 def build_model(cfg: ExperimentConfig, num_labels: int):
     """(model, params) from ``cfg.model``: a checkpoint by name/path, or ``"tiny"`` (random BERT).
 
-    The layer loop is unrolled for models of at most :data:`UNROLL_MAX_LAYERS` layers.
+    The layer loop is unrolled as ``model.unroll`` says (``auto``: :func:`auto_unroll`).
     """
     dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     if cfg.model.name == "tiny":
@@ -74,7 +87,8 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
             warnings.simplefilter("ignore", FreshHeadWarning)  # a fresh head is the normal case here
             model, params = load_pretrained(cfg.model.name, num_labels=num_labels, seed=cfg.seed,
                                             compute_dtype=dtype)
-    if model.num_layers <= UNROLL_MAX_LAYERS:
+    mode = cfg.model.unroll
+    if mode == "always" or (mode == "auto" and auto_unroll(model.cfg, jax.default_backend())):
         model = dataclasses.replace(model, unroll=True)
     model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat)
     return model, params
