@@ -15,6 +15,7 @@ BEFORE=${1:?usage: first_round.sh BEFORE_REV [OUT] [REPEATS]}
 OUT=${2:-benchmarks/results/first_round_$(date -u +%Y-%m-%d)}
 REPEATS=${3:-2}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)   # absolute: the cases run in other directories
 LOG="$OUT/first_round.log"
 TMP=$(mktemp -d)
 git worktree add -q --detach "$TMP/before" "$BEFORE"
