@@ -209,14 +209,7 @@ def study_report(study: Study) -> str:
     """The study's report (markdown); pending runs are marked, never guessed."""
     tune = tuning_runs(study)
     tune_done = all((r.out / "summary.json").is_file() for r in tune)
-    chosen, scores = choose(study) if (study.tune and tune_done) else ({}, {})
-    if study.tune and not tune_done:
-        partial = [r for r in tune if (r.out / "summary.json").is_file()]
-        from hfl_jax.sweep import tuning_score
-        for r in partial:
-            scores.setdefault((r.setting, r.method), {}).setdefault(r.value, []).append(
-                tuning_score(r.out, study.tune.last))
-        scores = {k: {v: float(np.mean(s)) for v, s in by.items()} for k, by in scores.items()}
+    chosen, scores = choose(study, finished_only=True) if study.tune else ({}, {})
     runs = _load(final_runs(study, chosen)) if (tune_done or not study.tune) else {}
     n_final = len(final_runs(study, chosen)) if (tune_done or not study.tune) else None
     lines = [f"# Study `{study.name}`", "",

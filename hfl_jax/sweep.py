@@ -271,18 +271,25 @@ def tuning_score(out: Path, last: int) -> float:
     return float(np.mean(accs[-last:]))
 
 
-def choose(study: Study) -> tuple[dict, dict]:
+def choose(study: Study, *, finished_only: bool = False) -> tuple[dict, dict]:
     """``(chosen, scores)``: per (setting, method) the grid value with the best mean tuning score
     over the tuning seeds (ties: the smaller value), and every ``scores[(setting, method)][value]``.
-    Needs every tuning run finished."""
+    Needs every tuning run finished, unless ``finished_only``: then unfinished runs are left out of
+    the scores and a (setting, method) is chosen only once all of its runs have finished."""
     scores: dict = {}
+    complete: dict = {}
     for run in tuning_runs(study):
-        scores.setdefault((run.setting, run.method), {}).setdefault(run.value, []).append(
-            tuning_score(run.out, study.tune.last))
+        key = (run.setting, run.method)
+        if finished_only and not (run.out / "summary.json").is_file():
+            complete[key] = False
+            continue
+        complete.setdefault(key, True)
+        scores.setdefault(key, {}).setdefault(run.value, []).append(tuning_score(run.out, study.tune.last))
     chosen = {}
     for key, by_value in scores.items():
         means = {v: float(np.mean(s)) for v, s in by_value.items()}
-        chosen[key] = min(means, key=lambda v: (-means[v], v))
+        if complete[key]:
+            chosen[key] = min(means, key=lambda v: (-means[v], v))
         scores[key] = means
     return chosen, scores
 
