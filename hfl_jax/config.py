@@ -135,6 +135,10 @@ class TrainConfig:
     # Compile every program the rounds may run before round 1, concurrently (hfl_jax.driver.precompile);
     # false: each compiles when a round first needs it. Results are identical either way.
     compile_ahead: bool = True
+    # Every group's device axis is padded to the largest group's size (absent slots are masked), so
+    # groups of different sizes share one program per depth; "exact": each group its own size (no
+    # padding work, one program per distinct size and depth; results equal to float rounding).
+    group_padding: str = "largest"      # largest | exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +379,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"one of auto, xla, cudnn, einsum; got {cfg.model.attention!r}")
     _require(cfg.model.remat in ("none", "dots", "dense", "full"), "model.remat",
              f"one of none, dots, dense, full; got {cfg.model.remat!r}")
+    _require(cfg.train.group_padding in ("largest", "exact"), "train.group_padding",
+             f"one of largest, exact; got {cfg.train.group_padding!r}")
     _require(cfg.model.unroll in ("auto", "always", "never"), "model.unroll",
              f"one of auto, always, never; got {cfg.model.unroll!r}")
     b = a.bandit

@@ -193,11 +193,15 @@ def device_profiles(cfg: ExperimentConfig) -> dict:
     return profiles_to_arrays(profiles)
 
 
-def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis) -> tuple:
-    size = axis.padded_size(max(int((assignment == k).sum()) for k in range(num_groups)))
+def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis, exact: bool = False) -> tuple:
+    """Per group ``[S]`` device ids, ``-1`` on padding slots: every group padded to the largest
+    group's size (one program per depth for all groups), or with ``exact`` each to its own (both
+    rounded up for the device axis' sharding)."""
+    sizes = [int((assignment == k).sum()) for k in range(num_groups)]
     out = []
     for k in range(num_groups):
         members = np.flatnonzero(assignment == k)
+        size = axis.padded_size(sizes[k] if exact else max(sizes))
         out.append(np.concatenate([members, -np.ones(size - len(members), np.int64)]))
     return tuple(out)
 
@@ -305,7 +309,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
     if algorithm.probes and cfg.algorithm.bandit.probe_holdout:
         train_parts, probe_parts = split_probe_holdout(parts, cfg.algorithm.bandit.probe_holdout, cfg.seed)
     data = make_device_data(train, train_parts)
-    slots = _slots(assignment, num_groups, axis)
+    slots = _slots(assignment, num_groups, axis, exact=cfg.train.group_padding == "exact")
     key = jax.random.PRNGKey(cfg.seed)
     base = base_of(params)
     cached = 0

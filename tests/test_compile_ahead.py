@@ -36,3 +36,28 @@ def test_no_round_compiles_after_compile_ahead(name):
     assert rounds.names == [], f"compiled during rounds: {rounds.names}"
     if name == "hierfedlora":
         assert len({d for d, _ in arms}) == 2   # the bandit used both depths, neither compiled in a round
+
+
+def test_group_padding_exact_matches_largest():
+    """``train.group_padding``: groups padded to the largest (one program per depth for every group)
+    or each to its own size (no padding work); the rounds agree to float rounding."""
+    over = ["algorithm.name=hierfedlora_fixed", "model.tiny.num_layers=2", "algorithm.depths=[1,2]",
+            "algorithm.fixed_depth=2", "algorithm.fixed_tau=1", "partition.num_devices=7", "algorithm.num_groups=2", "train.lr=0.00313",
+            "lora.rank=4"]
+    records, sizes = {}, {}
+    for mode in ("largest", "exact"):
+        exp = build(load_config(SMOKE, over + [f"train.group_padding={mode}"]))
+        sizes[mode] = [len(s) for s in exp.env.group_slots]
+        state, recs = exp.initial, []
+        for _ in range(2):
+            state, rec = next_round(exp, state)
+            recs.append(rec)
+        records[mode] = (recs, state.trainable)
+    assert sorted(sizes["largest"]) == [4, 4] and sorted(sizes["exact"]) == [3, 4]
+    (a, ta), (b, tb) = records["largest"], records["exact"]
+    for ra, rb in zip(a, b):
+        assert [g["train_loss"] for g in ra["groups"]] == pytest.approx([g["train_loss"] for g in rb["groups"]],
+                                                                         rel=1e-5)
+        assert ra["sim_time"] == rb["sim_time"] and ra["bytes_up"] == rb["bytes_up"]
+    for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -243,8 +243,9 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
     def eager_ops():
         # compiled on first use per shape: fold_in, the finite flags' AND, the cloud's aggregation
         jax.block_until_ready(jax.random.fold_in(jax.random.fold_in(key, 0), 0))
-        flags = env.axis.put(np.ones(len(env.group_slots[0]), bool))
-        jax.block_until_ready(flags & flags)
+        for size in sorted({len(s) for s in env.group_slots}):
+            flags = env.axis.put(np.ones(size, bool))
+            jax.block_until_ready(flags & flags)
         for n in range(1, env.num_groups + 1):
             jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n))
     return out + [eager_ops]

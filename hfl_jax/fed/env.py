@@ -25,7 +25,9 @@ class Env:
     base: Any                          # frozen parameters (no head), placed on the accelerators
     initial: Any                       # {"lora": LoRA, "head": ...}: the global model before round 1
     assignment: np.ndarray             # [N] group of each device
-    group_slots: tuple                 # per group: [S] device ids, -1 for padding slots (S equal for all groups)
+    # per group: [S] device ids, -1 for padding slots (S: the largest group's size, or with
+    # train.group_padding: exact each group's own)
+    group_slots: tuple
     group_data: tuple                  # per group: DeviceData with S slots, placed on the device axis
     counts: np.ndarray                 # [N] training examples per device
     profiles: dict                     # DeviceProfile arrays [N]: flops, up_bw, down_bw, memory
