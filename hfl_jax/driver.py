@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -283,8 +284,6 @@ def build(cfg: ExperimentConfig) -> Experiment:
     """Everything deterministic from the config: model, data, partition, profiles, groups, state 0."""
     from hfl_jax.data import eval_batches, make_device_data
 
-    from concurrent.futures import ThreadPoolExecutor
-
     train_text, valid_text = load_text(cfg)
     label_names = train_text.label_names
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -473,7 +472,6 @@ def precompile(exp: Experiment, state: AlgoState, progress: Callable[[str, dict]
     round 1, concurrently in a thread pool of ``workers`` (default: the machine's cores); XLA
     compiles outside Python's GIL. Returns how many programs it compiled. Results are unchanged:
     the rounds call the same programs, compiled earlier (``hfl_jax.fed.xla``)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     env = exp.env
     thunks = list(exp.algorithm.programs(env, state)) if exp.algorithm.programs else []
