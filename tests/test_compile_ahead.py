@@ -41,9 +41,9 @@ def test_no_round_compiles_after_compile_ahead(name):
 def test_group_padding_exact_matches_largest():
     """``train.group_padding``: groups padded to the largest (one program per depth for every group)
     or each to its own size (no padding work); the rounds agree to float rounding."""
-    over = ["algorithm.name=hierfedlora_fixed", "model.tiny.num_layers=2", "algorithm.depths=[1,2]",
-            "algorithm.fixed_depth=2", "algorithm.fixed_tau=1", "partition.num_devices=7", "algorithm.num_groups=2", "train.lr=0.00313",
-            "lora.rank=4"]
+    over = ["algorithm.name=hierfedlora_fixed", "model.tiny.num_layers=1", "algorithm.depths=[1]",
+            "algorithm.fixed_depth=1", "algorithm.fixed_tau=1", "partition.num_devices=7", "algorithm.num_groups=2",
+            "train.lr=0.00313", "train.local_steps=2", "lora.rank=4"]
     records, sizes = {}, {}
     for mode in ("largest", "exact"):
         exp = build(load_config(SMOKE, over + [f"train.group_padding={mode}"]))
