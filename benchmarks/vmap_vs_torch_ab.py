@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum"))
     ap.add_argument("--flat-opt", action="store_true", help="optax.flatten the optimizer (one update kernel)")
+    ap.add_argument("--profile", metavar="DIR", help="after the pairs, profile 2 calls of each (jax.profiler, "
+                    "torch.profiler) and print where each spends its time, by operation kind")
     args = ap.parse_args(argv)
 
     peak0 = rs.measure_peak(1024, 3)
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
         pairs.append((t1 - t0, t2 - t1))
         print(f"jax {t1 - t0:.3f} s  torch-vmap eager {t2 - t1:.3f} s  speed of vmap {(t2 - t1) / (t1 - t0):.2f}x",
               flush=True)
+    if args.profile:
+        profile(args.profile, run_jax, run_torch)
     peak1 = rs.measure_peak(1024, 3)
     ratios = [t / j for j, t in pairs]
     print(f"M={w.M} B={w.B} T={w.T} E={w.E} d={L} attention={args.attention}: median speed of vmap over eager "
@@ -71,6 +75,43 @@ def main(argv=None) -> int:
           f"{statistics.median(j for j, _ in pairs):.3f} s, torch median {statistics.median(t for _, t in pairs):.3f} s); "
           f"matmul peak {peak0 / 1e9:.0f} / {peak1 / 1e9:.0f} GFLOP/s before/after; load {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def _kind(name: str) -> str:
+    """An XLA thunk's name without its instance number (``loop_add_fusion.12`` -> ``loop_add_fusion``)."""
+    import re
+    return re.sub(r"(\.\d+)+$", "", name)
+
+
+def profile(out: str, run_jax, run_torch, calls: int = 2, top: int = 14) -> None:
+    """Where each side's time goes, per call, by operation kind: XLA's thunks (jax.profiler trace of
+    ``calls`` calls) and PyTorch's operators (torch.profiler, self CPU time)."""
+    import collections
+    import glob
+    import gzip
+    import json
+
+    import torch
+
+    with jax.profiler.trace(out):
+        for _ in range(calls):
+            run_jax()
+    trace = sorted(glob.glob(f"{out}/**/*.trace.json.gz", recursive=True))[-1]
+    by = collections.Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith("$") and "PjRt" not in name and "Pjit" not in name:
+            by[_kind(name)] += e.get("dur", 0) / 1e3 / calls
+    print(f"jax: ms per call by XLA thunk kind (top {top}; thunks may nest or run on two threads)")
+    for k, ms in by.most_common(top):
+        print(f"  {ms:9.1f}  {k}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run_torch()
+    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)[:top]
+    print(f"torch: ms per call by operator, self CPU time (top {top})")
+    for r in rows:
+        print(f"  {r.self_cpu_time_total / 1e3 / calls:9.1f}  {r.key}")
 
 
 if __name__ == "__main__":
