@@ -34,7 +34,7 @@ from hfl_jax.fed.engine import make_evaluate
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.local import base_of
 from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_arrays
-from hfl_jax.report import tier_totals
+from hfl_jax.report import record_totals
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 
 log = logging.getLogger("hfl_jax")
@@ -547,18 +547,11 @@ def summarize(history: list, cfg: ExperimentConfig) -> dict:
     time (``rounds_wall_time``); :func:`run` and :func:`resume` replace it by the whole command's."""
     evals = [h for h in history if "eval_accuracy" in h]
     health = [round_health(h) for h in history]
-    rounds_wall = float(sum(h.get("wall_time", 0.0) for h in history))
-    out = {"name": cfg.name, "algorithm": cfg.algorithm.name, "seed": cfg.seed, "rounds": len(history),
-           "sim_time": history[-1]["sim_time"] if history else 0.0,
-           "bytes_up": float(sum(h["bytes_up"] for h in history)),
-           "bytes_down": float(sum(h["bytes_down"] for h in history)),
-           **tier_totals(history),
+    out = {"name": cfg.name, "algorithm": cfg.algorithm.name, "seed": cfg.seed, **record_totals(history),
            "device_updates": int(sum(p for p, _ in health)),
-           "dropped_updates": int(sum(d for _, d in health)),
-           "wall_time": rounds_wall, "rounds_wall_time": rounds_wall}
+           "dropped_updates": int(sum(d for _, d in health))}
+    out["rounds_wall_time"] = out["wall_time"]
     if evals:
-        out["final_accuracy"] = evals[-1]["eval_accuracy"]
-        out["best_accuracy"] = max(h["eval_accuracy"] for h in evals)
         out["final_loss"] = evals[-1]["eval_loss"]
     if cfg.train.target_accuracy is not None:
         hit = next((h for h in evals if h["eval_accuracy"] >= cfg.train.target_accuracy), None)

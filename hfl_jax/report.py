@@ -75,18 +75,24 @@ def tier_totals(records: Sequence[Mapping]) -> dict:
     return {k: float(sum(r[k] for r in records)) for k in TIER_BYTES + TIER_TIMES}
 
 
-def _summary_from(config: Mapping, records: list) -> dict:
+def record_totals(records: Sequence[Mapping]) -> dict:
+    """What a run's summary sums over its round records: rounds, the simulated clock, traffic (total
+    and per tier: :func:`tier_totals`), rounds' wall time, and the final and best evaluation accuracy."""
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
-    out = {"name": config.get("name"), "algorithm": (config.get("algorithm") or {}).get("name"),
-           "seed": config.get("seed"), "rounds": len(records),
-           "sim_time": records[-1]["sim_time"] if records else 0.0,
+    out = {"rounds": len(records), "sim_time": records[-1]["sim_time"] if records else 0.0,
            "bytes_up": float(sum(r.get("bytes_up", 0.0) for r in records)),
            "bytes_down": float(sum(r.get("bytes_down", 0.0) for r in records)),
            **tier_totals(records),
-           "wall_time": float(sum(r.get("wall_time", 0.0) for r in records)), "stop_reason": None}
+           "wall_time": float(sum(r.get("wall_time", 0.0) for r in records))}
     if evals:
         out["final_accuracy"], out["best_accuracy"] = evals[-1], max(evals)
     return out
+
+
+def _summary_from(config: Mapping, records: list) -> dict:
+    """A summary for a run without summary.json (still running, or killed) from its records."""
+    return {"name": config.get("name"), "algorithm": (config.get("algorithm") or {}).get("name"),
+            "seed": config.get("seed"), **record_totals(records), "stop_reason": None}
 
 
 def _as_run(run: RunLike) -> dict:
