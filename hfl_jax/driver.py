@@ -7,6 +7,7 @@ progress through a callback (the CLI draws it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -78,8 +79,7 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
                              num_layers=t.num_layers, num_heads=t.num_heads, intermediate_size=t.intermediate_size,
                              max_position_embeddings=max(512, cfg.data.max_length), num_labels=num_labels)
         model = EncoderModel(ecfg, compute_dtype=dtype)
-        # one compiled program (op by op it compiled dozens: seconds on CPU); the same bits (layers.dense_init)
-        params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed))
+        params = _compiled_init(model)(jax.random.PRNGKey(cfg.seed))
     else:
         import warnings
 
@@ -93,6 +93,13 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
         model = dataclasses.replace(model, unroll=True)
     model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat)
     return model, params
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model: EncoderModel):
+    """``model.init`` as one compiled program, once per model in a process (op by op it compiled
+    dozens of small programs: seconds on CPU); the same bits (``layers.dense_init``)."""
+    return jax.jit(model.init)
 
 
 def _model_and_adapters(cfg: ExperimentConfig, num_labels: int) -> tuple:
