@@ -43,7 +43,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from hfl_jax.config import MAYBE_PATH_KEYS, PATH_KEYS, ConfigError, ExperimentConfig, load_config, to_dict
+from hfl_jax.config import (MAYBE_PATH_KEYS, PATH_KEYS, ConfigError, ExperimentConfig, from_dict,
+                            load_config, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +233,13 @@ def _comparable(cfg: Mapping) -> dict:
 
 def run_status(run: Run, cfg: ExperimentConfig) -> str:
     """``"done"`` (summary.json and the same config), ``"partial"`` (started, no summary) or ``"new"``.
-    A run directory holding another config raises: the study file changed under a finished run."""
+    A run directory holding another config raises: the study file changed under a finished run. A
+    config field added to hfl_jax after the run was written is compared at its default value."""
     cfg_path = run.out / "config.yaml"
     if not cfg_path.is_file():
         return "new"
-    have = yaml.safe_load(cfg_path.read_text())
+    # through the dataclasses, so a field added since the run was written compares at its default
+    have = to_dict(from_dict(ExperimentConfig, yaml.safe_load(cfg_path.read_text())))
     if _comparable(have) != _comparable(to_dict(cfg)):
         raise ConfigError(f"{run.out} holds a run of another config than the study now asks for; "
                           "move it away or restore the study file")
