@@ -161,8 +161,11 @@ class HetLoRAConfig:
     prune_factor: float = 0.5           # rank self-pruning: r <- max(min_rank, floor(r * factor))
     prune_threshold: float = 0.05       # ... when ||pruned part|| / ||kept part|| is below this
     min_rank: int = 1
-    sparsity: str = "update"            # aggregation weights x samples: "update" ||A'B' - AB||_F (the round's
-                                        # change), "adapter" ||A'B'||_F, "none" (sample counts only)
+    sparsity: str = "adapter"           # aggregation weights x samples: "adapter" ||A'B'||_F (the paper's
+                                        # ||Delta W_k||_F), "update" ||A'B' - AB||_F (the round's change),
+                                        # "none" (sample counts only)
+    padding: str = "zeros"              # "zeros": zero-padded adapters averaged over all devices (the paper);
+                                        # "holders": each rank component averaged over the devices holding it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,6 +399,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(0 < h.prune_factor < 1, "algorithm.hetlora.prune_factor", "must be in (0, 1)")
     _require(h.min_rank >= 1, "algorithm.hetlora.min_rank", f"must be >= 1, got {h.min_rank}")
     _require(h.prune_threshold >= 0, "algorithm.hetlora.prune_threshold", "must be >= 0")
+    _require(h.padding in ("zeros", "holders"), "algorithm.hetlora.padding",
+             f"one of zeros, holders; got {h.padding!r}")
     _require(h.sparsity in SPARSITY, "algorithm.hetlora.sparsity",
              f"must be one of {', '.join(SPARSITY)}, got {h.sparsity!r}")
     if t.target_accuracy is not None:

@@ -3,6 +3,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import pytest
 
@@ -92,11 +93,21 @@ def test_hetlora_zero_padding_aggregation_hand_example():
     A = jnp.array([[[[1.0, 0.0]]], [[[3.0, 5.0]]]])          # [M=2, L=1, in=1, r=2]
     B = jnp.array([[[[2.0], [0.0]]], [[[4.0], [6.0]]]])      # [M=2, L=1, r=2, out=1]
     lora = LoRA({"query": {"A": A, "B": B}}, 1.0)
-    out = rank_padded_mean(lora, jnp.array([1, 2]), jnp.array([1.0, 3.0]))
-    # component 0: (1*1 + 3*3) / 4 = 2.5 ; component 1: only device 1 -> 5
+    out = rank_padded_mean(lora, jnp.array([1, 2]), jnp.array([1.0, 3.0]), padding="holders")
+    # holders: component 0: (1*1 + 3*3) / 4 = 2.5 ; component 1: only device 1 -> 5
     np.testing.assert_allclose(np.asarray(out.weights["query"]["A"])[0, 0], [2.5, 5.0])
     # B component 0: (1*2 + 3*4) / 4 = 3.5 ; component 1: 6
     np.testing.assert_allclose(np.asarray(out.weights["query"]["B"])[0, :, 0], [3.5, 6.0])
+    # zeros (the HetLoRA paper, the default): device 0's padded zero enters component 1's mean:
+    # A_1 = (1*0 + 3*5) / 4 = 3.75, B_1 = (1*0 + 3*6) / 4 = 4.5; component 0 as above
+    out = rank_padded_mean(lora, jnp.array([1, 2]), jnp.array([1.0, 3.0]))
+    np.testing.assert_allclose(np.asarray(out.weights["query"]["A"])[0, 0], [2.5, 3.75])
+    np.testing.assert_allclose(np.asarray(out.weights["query"]["B"])[0, :, 0], [3.5, 4.5])
+    # with equal ranks both readings are the ordinary weighted mean
+    same = [rank_padded_mean(lora, jnp.array([2, 2]), jnp.array([1.0, 3.0]), padding=p) for p in ("zeros", "holders")]
+    chex.assert_trees_all_equal(same[0].weights, same[1].weights)
+    with pytest.raises(ValueError, match="padding"):
+        rank_padded_mean(lora, jnp.array([1, 2]), jnp.array([1.0, 3.0]), padding="bogus")
     small = truncate_rank(LoRA({"query": {"A": A[1], "B": B[1]}}, 1.0), 1)
     assert small.weights["query"]["A"].shape == (1, 1, 1)
     padded = pad_rank(small, 2)
@@ -130,14 +141,17 @@ def test_hetlora_sparsity_weights_hand_example():
 def test_hetlora_sparsity_setting_changes_the_aggregate(monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
     finals = {}
-    for sparsity in ("update", "adapter", "none"):
+    for sparsity in ("update", "adapter", "none", "holders"):
+        setting = ["algorithm.hetlora.padding=holders"] if sparsity == "holders" else [
+            f"algorithm.hetlora.sparsity={sparsity}"]
         cfg = load_config(SMOKE, ["algorithm.name=hetlora", "lora.rank=4", "algorithm.hetlora.ranks=[1,2,4]",
-                                  f"algorithm.hetlora.sparsity={sparsity}", *TWO_LAYERS])
+                                  *setting, *TWO_LAYERS])
         state, _ = _rounds(build(cfg), 1)
         finals[sparsity] = np.asarray(state.trainable["lora"].weights["query"]["B"])
     assert all(np.isfinite(v).all() for v in finals.values())
     assert not np.allclose(finals["update"], finals["none"])
     assert not np.allclose(finals["adapter"], finals["none"])
+    assert not np.allclose(finals["adapter"], finals["holders"])   # "adapter" + "zeros" are the defaults
     with pytest.raises(Exception, match="algorithm.hetlora.sparsity"):
         load_config(SMOKE, ["algorithm.hetlora.sparsity=bogus"])
 
@@ -146,9 +160,11 @@ def test_hetlora_component_nobody_holds_keeps_previous_value():
     A = jnp.ones((2, 1, 1, 3))
     B = jnp.ones((2, 1, 3, 1))
     prev = LoRA({"query": {"A": jnp.full((1, 1, 3), 9.0), "B": jnp.full((1, 3, 1), 9.0)}}, 1.0)
-    out = rank_padded_mean(LoRA({"query": {"A": A, "B": B}}, 1.0), jnp.array([1, 2]), jnp.array([1.0, 1.0]), prev)
-    np.testing.assert_allclose(np.asarray(out.weights["query"]["A"])[0, 0], [1.0, 1.0, 9.0])
-    np.testing.assert_allclose(np.asarray(out.weights["query"]["B"])[0, :, 0], [1.0, 1.0, 9.0])
+    for padding, held_by_one in (("holders", 1.0), ("zeros", 0.5)):
+        out = rank_padded_mean(LoRA({"query": {"A": A, "B": B}}, 1.0), jnp.array([1, 2]), jnp.array([1.0, 1.0]),
+                               prev, padding=padding)
+        np.testing.assert_allclose(np.asarray(out.weights["query"]["A"])[0, 0], [1.0, held_by_one, 9.0])
+        np.testing.assert_allclose(np.asarray(out.weights["query"]["B"])[0, :, 0], [1.0, held_by_one, 9.0])
 
 
 def test_probe_cost_is_charged_to_bandit_algorithms(monkeypatch):

@@ -62,6 +62,7 @@ CASES = [
     (None, ["algorithm.fixed_depth=9"], None, "algorithm.fixed_depth"),
     (None, ["algorithm.bandit.gamma=0"], None, "algorithm.bandit.gamma"),
     (None, ["algorithm.hetlora.sparsity=x"], None, "algorithm.hetlora.sparsity"),
+    (None, ["algorithm.hetlora.padding=x"], None, "algorithm.hetlora.padding"),
     (None, ["lora.targets=[query,foo]"], None, "lora.targets"),
     (None, ["lora.targets=[]"], None, "lora.targets"),
     (None, ["lora.targets=[query,query]"], None, "lora.targets"),

@@ -25,7 +25,7 @@ def build(cfg, num_layers: int) -> FedAlgorithm:
         norms = component_norms(trainable["lora"])
         return {"ranks": prune_ranks(host["ranks"], norms, h.prune_factor, h.prune_threshold, h.min_rank)}
 
-    return flat("hetlora", num_layers, aggregator=RankPadded(h.sparsity),
+    return flat("hetlora", num_layers, aggregator=RankPadded(h.sparsity, h.padding),
                 init_host=lambda env: {"ranks": assign_ranks(env.profiles["flops"], h.ranks)},
                 ranks_of=lambda host: host["ranks"], after_round=prune,
                 describe=lambda host: {"mean_rank": float(np.mean(host["ranks"]))})

@@ -118,20 +118,30 @@ def rank_mask(ranks: Array, max_rank: int) -> Array:
     return jnp.arange(max_rank)[None, :] < jnp.asarray(ranks)[:, None]
 
 
-def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array, prev: LoRA | None = None) -> LoRA:
+def rank_padded_mean(lora: LoRA, ranks: Array, weights: Array, prev: LoRA | None = None, *,
+                     padding: str = "zeros") -> LoRA:
     """Zero-padding aggregation of adapters with different ranks (HetLoRA).
 
     ``lora`` leaves are ``[M, L, in, r_max]`` (A) and ``[M, L, r_max, out]`` (B),
-    each device zero-padded beyond its own rank. Rank component ``j`` is the
-    weighted mean over the devices that hold it:
-    ``A[..., j] = sum_m w_m 1[j < r_m] A_m[..., j] / sum_m w_m 1[j < r_m]``
+    each device zero-padded beyond its own rank. ``padding`` says what the padded zeros count for:
+
+    * ``"zeros"`` (HetLoRA, Cho et al. 2024, Fig. 2): every device's zero-padded adapter enters one
+      weighted mean, ``X_j = sum_m w_m 1[j < r_m] X_{m,j} / sum_m w_m``, so a component held by few
+      devices is diluted by the others' zeros;
+    * ``"holders"``: component ``j`` is the weighted mean over the devices that hold it,
+      ``sum_m w_m 1[j < r_m] X_{m,j} / sum_m w_m 1[j < r_m]`` (HeteroFL-style, no dilution).
+
     A component no (weighted) device holds keeps ``prev``'s value (0 without ``prev``).
     HetLoRA's sparsity weights are passed in ``weights`` (see :mod:`hfl_jax.algos.hetlora`).
     """
+    if padding not in ("zeros", "holders"):
+        raise ValueError(f"padding must be 'zeros' or 'holders', got {padding!r}")
     r_max = lora.rank
-    wm = rank_mask(ranks, r_max) * jnp.asarray(weights, jnp.float32)[:, None]   # [M, r]
+    w = jnp.asarray(weights, jnp.float32)
+    wm = rank_mask(ranks, r_max) * w[:, None]                                    # [M, r]
     held = wm.sum(0) > 0                                                         # [r]
-    total = jnp.maximum(wm.sum(0), 1e-30)                                        # [r]
+    norm = wm.sum(0) if padding == "holders" else jnp.broadcast_to(w.sum(), held.shape)
+    total = jnp.maximum(norm, 1e-30)                                             # [r]
     out = {}
     for t, ab in lora.weights.items():
         A = jnp.einsum("mr,m...r->...r", wm, ab["A"]) / total

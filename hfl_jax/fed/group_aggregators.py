@@ -70,15 +70,18 @@ class FedAvg:
 @dataclasses.dataclass(frozen=True)
 class RankPadded:
     """HetLoRA (Cho et al., 2024): zero-padded mean of heterogeneous-rank adapters, each device
-    weighted by ``samples x sparsity`` (:data:`SPARSITY`); rank components no device holds keep
-    their previous value (:func:`~hfl_jax.fed.aggregate.rank_padded_mean`)."""
-    sparsity: str = "update"
+    weighted by ``samples x sparsity`` (:data:`SPARSITY`); ``padding`` ``"zeros"`` (the paper: the
+    padded zeros enter the mean) or ``"holders"`` (each component averaged over its holders); rank
+    components no device holds keep their previous value (:func:`~hfl_jax.fed.aggregate.rank_padded_mean`)."""
+    sparsity: str = "adapter"
+    padding: str = "zeros"
 
     def __call__(self, new, old, weights, ranks):
         agg, finite, used = FedAvg()(new, old, weights, ranks)
         clean = _zero_dropped(new, finite)
         s = used * SPARSITY[self.sparsity](clean, old, ranks)   # x 1 for "none" is exact
-        return dict(agg, lora=rank_padded_mean(clean["lora"], ranks, s, prev=old["lora"])), finite, used
+        return dict(agg, lora=rank_padded_mean(clean["lora"], ranks, s, prev=old["lora"],
+                                                 padding=self.padding)), finite, used
 
 
 @dataclasses.dataclass(frozen=True)
