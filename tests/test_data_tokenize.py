@@ -124,3 +124,31 @@ def test_subset_tokenized_alone_equals_the_same_rows_of_the_whole(tmp_path, monk
     rows = np.sort(np.random.default_rng([0, 14, 0]).choice(len(whole), 100, replace=False))  # seed, SALT_SUBSET
     for k in full:
         np.testing.assert_array_equal(full[k][rows], train[k])
+
+
+TEXTS = ["the cat sat", "", "dog ran the cat sat the dog ran the cat", "Héllo WORLD  naïve café",
+         "URL http://x.y/z?q=1 & <b>tags</b>", "日本語のテキスト", "a " * 60, "abc def", "ran.dog,the!"]
+
+
+@pytest.mark.parametrize("family", ["minilm", "bert", "roberta"])
+def test_tokenizer_json_read_directly_equals_transformers(tmp_path, family):
+    """load_tokenizer reads a directory's tokenizer.json with the Rust tokenizers library (no
+    transformers/PyTorch import): the ids, masks and token types equal transformers' fast tokenizer
+    loaded from the same directory, for single texts and pairs, truncated and padded."""
+    from transformers import AutoTokenizer
+
+    if family == "minilm":
+        path = Path(resolve_tokenizer("minilm-l6"))
+    else:
+        path = tmp_path / family
+        (tiny_bert(tmp_path) if family == "bert" else tiny_roberta()).save_pretrained(str(path))
+    fast = tok_mod._load_tokenizer(str(path))
+    assert isinstance(fast, tok_mod.JsonTokenizer)
+    ref = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    assert fast.vocab_size == ref.vocab_size and len(fast) == len(ref) and fast.get_vocab() == ref.get_vocab()
+    for max_length in (4, 9, 40):
+        for b in (None, TEXTS[::-1]):
+            got, want = tok_mod.encode(fast, TEXTS, b, max_length), tok_mod.encode(ref, TEXTS, b, max_length)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{family} {k} T={max_length} pair={b is not None}")
+    assert tok_mod.tokenizer_identity(fast)["vocab_sha256"] != ""
