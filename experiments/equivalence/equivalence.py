@@ -35,6 +35,9 @@ WALL_CLOCK = ("wall_time",)
 NEW_FIELDS = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes_down",
               "time_compute", "time_edge", "time_cloud")
 PROBE_FIELDS = ("loss_before", "loss_after")
+# HetLoRA's aggregation when the golden files were written (the defaults became the paper's
+# sparsity "adapter" and padding "zeros" on 2026-11-30): pinned, so the guard still checks the engine
+OLD_HETLORA = {"sparsity": "update", "padding": "holders"}
 ALGORITHMS = ("hierfedlora", "hierfedlora_random_groups", "hierfedlora_fixed", "hierfedlora_full_depth",
               "fedlora", "hetlora")
 
@@ -54,7 +57,8 @@ CONFIGS = {
         "devices": {"two_tier": False},   # the golden files predate the two-tier link model
         "train": {"rounds": 4, "local_steps": 3, "batch_size": 8, "lr": 0.003, "eval_every": 1,
                   "eval_batch_size": 64},
-        "algorithm": {"num_groups": 2, "depths": [2, 4], "taus": [1, 2], "hetlora": {"ranks": [1, 2, 4]},
+        "algorithm": {"num_groups": 2, "depths": [2, 4], "taus": [1, 2],
+                      "hetlora": {"ranks": [1, 2, 4], **OLD_HETLORA},
                       # the golden files were written with the original reward and its defaults
                       "bandit": {"reward": "ema", "phi": 0.5, "gamma": 0.95, "nu": 0.5}},
         "checkpoint": {"every": 1, "keep": 2},
@@ -70,7 +74,7 @@ CONFIGS = {
                   "eval_every": 1, "eval_batch_size": 218},
         "algorithm": {"num_groups": 4, "depths": [1, 3, 6], "taus": [1, 2], "fixed_depth": 3, "fixed_tau": 2,
                       "bandit": {"reward": "ema", "phi": 0.5, "gamma": 0.95, "nu": 0.5},
-                      "hetlora": {"ranks": [2, 4, 8]}},
+                      "hetlora": {"ranks": [2, 4, 8], **OLD_HETLORA}},
         "checkpoint": {"every": 5, "keep": 1},
     },
 }
