@@ -36,7 +36,7 @@ NEW_FIELDS = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes
               "time_compute", "time_edge", "time_cloud")
 PROBE_FIELDS = ("loss_before", "loss_after")
 # HetLoRA's aggregation when the golden files were written (the defaults became the paper's
-# sparsity "adapter" and padding "zeros" on 2026-11-30): pinned, so the guard still checks the engine
+# sparsity "adapter" and padding "zeros" on 2026-11-29): pinned, so the guard still checks the engine
 OLD_HETLORA = {"sparsity": "update", "padding": "holders"}
 ALGORITHMS = ("hierfedlora", "hierfedlora_random_groups", "hierfedlora_fixed", "hierfedlora_full_depth",
               "fedlora", "hetlora")
