@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -159,14 +160,28 @@ def cmd_sweep(args) -> int:
         value = "" if run.value is None else f" / {study.tune.key}={run.value}"
         print(f"{verb} {what}{value}  ({run.out.relative_to(study.out)})", flush=True)
 
+    shard = (0, 1)
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+            shard = (i, n)
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError
+        except ValueError:
+            return _fail(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     if not args.report_only:
-        sweep.sweep(study, notify=notify, dry_run=args.dry_run)
+        done = sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard)
+        if shard[1] > 1 and not any(r.stage == "final" for r, _ in done) and not args.dry_run:
+            print(f"shard {shard[0]}/{shard[1]}: tuning runs of other shards are unfinished; "
+                  "rerun this command once they are to run this shard's final runs", flush=True)
     if args.dry_run:
         return 0
     text = study_report.study_report(study)
     path = study.out / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    tmp = path.with_name(f".report.md.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)   # atomic: shards finishing together never leave a mixed file
     print(f"wrote {path}")
     return 0
 
@@ -279,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("study", help="study YAML file (e.g. experiments/studies/sst2.yaml)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     w.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
+    w.add_argument("--shard", metavar="I/N", help="run only this process's share of the runs (positions I, I+N, ...; "
+                   "0 <= I < N): N processes sharing the study folder run it together")
     w.set_defaults(fn=cmd_sweep)
 
     q = sub.add_parser("partition", help="show and save the data partition and groups without training",

@@ -298,14 +298,25 @@ def choose(study: Study, *, finished_only: bool = False) -> tuple[dict, dict]:
 
 
 def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda *a: None,
-          dry_run: bool = False) -> list[tuple[Run, str]]:
+          dry_run: bool = False, shard: tuple[int, int] = (0, 1)) -> list[tuple[Run, str]]:
     """Runs the study's tuning runs, then its final runs (each skipped when finished, resumed when
     interrupted), and returns ``[(run, status before)]``. ``notify(status, run, i, n)`` is called before
-    each run. ``dry_run``: statuses only (needs the tuning runs finished to plan the final ones)."""
+    each run. ``dry_run``: statuses only (needs the tuning runs finished to plan the final ones).
+
+    ``shard=(i, n)``: this process takes the runs at positions ``i, i + n, i + 2n, ...`` of each stage,
+    so ``n`` processes (cores, accelerators or hosts sharing the study's folder) run a study together,
+    none touching another's runs. A shard whose tuning share is done waits for no one: it runs its
+    final share only once every tuning run has finished (rerun it then); the report is a pure
+    function of the finished runs, whichever process writes it."""
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     done = []
 
     def stage(runs: list) -> None:
         for i, run in enumerate(runs):
+            if i % n_shard != i_shard:
+                continue
             cfg = run_config(study, run)
             status = run_status(run, cfg)
             notify(status, run, i, len(runs))
@@ -313,8 +324,11 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
                 execute(run, cfg, status)
             done.append((run, status))
 
-    stage(tuning_runs(study))
+    tuning = tuning_runs(study)
+    stage(tuning)
     if dry_run and any(s != "done" for _, s in done):
         return done
+    if n_shard > 1 and any(not (run.out / "summary.json").is_file() for run in tuning):
+        return done   # another shard's tuning runs are unfinished: the final runs cannot be planned yet
     stage(final_runs(study, choose(study)[0] if study.tune else {}))
     return done

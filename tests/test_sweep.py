@@ -113,3 +113,23 @@ def test_a_run_written_before_a_config_field_existed_is_still_recognised(tmp_pat
     (run.out / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="another config"):
         sweep.run_status(run, cfg)
+
+
+def test_shards_run_a_study_together_without_overlap(tmp_path, capsys):
+    """``--shard I/N``: each process takes every N-th run of each stage; a shard runs final runs only
+    once every tuning run (its own and the others') has finished; together they run each run once."""
+    path = _study(tmp_path)
+    assert cli.main(["sweep", str(path), "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run    tune") == 2 and "run    final" not in out and "rerun this command" in out
+    assert cli.main(["sweep", str(path), "--shard", "0/2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run    tune") == 2 and out.count("run    final") == 3 and "skip" not in out
+    assert cli.main(["sweep", str(path), "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip   tune") == 2 and out.count("run    final") == 2
+    assert cli.main(["sweep", str(path)]) == 0           # unsharded: everything is done
+    verbs = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith("wrote")]
+    assert verbs == ["skip"] * 9
+    assert cli.main(["sweep", str(path), "--shard", "2/2"]) == 2
+    assert "--shard" in capsys.readouterr().err
