@@ -205,13 +205,10 @@ def _slots(assignment: np.ndarray, num_groups: int, axis: DeviceAxis, exact: boo
     """Per group ``[S]`` device ids, ``-1`` on padding slots: every group padded to the largest
     group's size (one program per depth for all groups), or with ``exact`` each to its own (both
     rounded up for the device axis' sharding)."""
-    sizes = [int((assignment == k).sum()) for k in range(num_groups)]
-    out = []
-    for k in range(num_groups):
-        members = np.flatnonzero(assignment == k)
-        size = axis.padded_size(sizes[k] if exact else max(sizes))
-        out.append(np.concatenate([members, -np.ones(size - len(members), np.int64)]))
-    return tuple(out)
+    members = [np.flatnonzero(assignment == k) for k in range(num_groups)]
+    largest = max(len(m) for m in members)
+    return tuple(np.concatenate([m, -np.ones(axis.padded_size(len(m) if exact else largest) - len(m), np.int64)])
+                 for m in members)
 
 
 def _group_data(data, slots: np.ndarray, prepare: Callable = lambda d: d):
