@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 EPILOG = "Config reference: README.md (section 'Configuration') and experiments/configs/*.yaml."
@@ -170,8 +171,8 @@ def cmd_sweep(args) -> int:
         except ValueError:
             return _fail(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     if not args.report_only:
-        done = sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard)
-        if shard[1] > 1 and not any(r.stage == "final" for r, _ in done) and not args.dry_run:
+        sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard)
+        if shard[1] > 1 and not args.dry_run and not sweep.tuning_finished(study):
             print(f"shard {shard[0]}/{shard[1]}: tuning runs of other shards are unfinished; "
                   "rerun this command once they are to run this shard's final runs", flush=True)
     if args.dry_run:
@@ -179,9 +180,14 @@ def cmd_sweep(args) -> int:
     text = study_report.study_report(study)
     path = study.out / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".report.md.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)   # atomic: shards finishing together never leave a mixed file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report.md.")
+    try:   # atomic: shards finishing together never leave a mixed file
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     print(f"wrote {path}")
     return 0
 
@@ -295,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     w.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     w.add_argument("--shard", metavar="I/N", help="run only this process's share of the runs (positions I, I+N, ...; "
-                   "0 <= I < N): N processes sharing the study folder run it together")
+                   "0 <= I < N): N processes sharing the study folder run it together; run --report-only once all "
+                   "have finished for the complete report")
     w.set_defaults(fn=cmd_sweep)
 
     q = sub.add_parser("partition", help="show and save the data partition and groups without training",

@@ -7,6 +7,7 @@ naming the key (e.g. ``train.rounds``) before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -186,6 +187,28 @@ class AlgorithmConfig:
     bandit: BanditConfig = BanditConfig()
     hetlora: HetLoRAConfig = HetLoRAConfig()
     flexlora: FlexLoRAConfig = FlexLoRAConfig()
+
+
+# Config sections only one algorithm reads (``algorithm.<section>`` -> that algorithm's name): two runs
+# of another algorithm that differ only there are the same run (``hfl_jax.sweep`` compares them so).
+ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora"}
+
+# Defaults that changed after their field was added: a run directory's ``config.yaml`` written before
+# the field existed ran with the old behaviour, so :func:`load_run_config` fills these where absent.
+# algorithm.hetlora.padding: HetLoRA averaged each rank component over its holders until 2026-11-29.
+RUN_LEGACY_DEFAULTS = ((("algorithm", "hetlora", "padding"), "holders"),)
+
+
+def fill_run_legacy(raw: dict) -> dict:
+    """A run directory's stored config (a dict) with :data:`RUN_LEGACY_DEFAULTS` filled where absent."""
+    raw = json.loads(json.dumps(raw))
+    for keys, value in RUN_LEGACY_DEFAULTS:
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] not in node:
+            node[keys[-1]] = value
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -644,6 +667,13 @@ def read_yaml(path: str | Path, _seen: tuple = (), resolve: bool = True) -> dict
     if not (path.parent / base).is_file():
         raise ConfigError(f"{path}: base file {path.parent / base} does not exist")
     return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),), resolve), raw)
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory was written with (its ``config.yaml``: absolute paths, older runs
+    cwd-relative), with :data:`RUN_LEGACY_DEFAULTS` filled, validated."""
+    raw = fill_run_legacy(read_yaml(Path(run_dir) / "config.yaml", resolve=False))
+    return load_config(data=raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,

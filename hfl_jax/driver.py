@@ -28,7 +28,7 @@ from hfl_jax.algos import AlgoState, FedAlgorithm
 from hfl_jax.algos import grouping as grouping_lib
 from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROBE_HOLDOUT, SALT_PROFILES,
                                   SALT_SUBSET, SALT_VALIDATION, round_key)
-from hfl_jax.config import ExperimentConfig, load_config, to_dict
+from hfl_jax.config import ExperimentConfig, load_run_config, to_dict
 from hfl_jax.fed.cost import Workload
 from hfl_jax.fed.device_axis import DeviceAxis, make_mesh
 from hfl_jax.fed.engine import make_evaluate
@@ -628,7 +628,7 @@ def resume(out_dir: str | Path, progress=None) -> dict:
     cfg_path = out_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{out_dir} has no config.yaml: not a hfl-jax run directory")
-    cfg = load_config(cfg_path, paths_from_file=False)   # written with absolute paths (older runs: cwd-relative)
+    cfg = load_run_config(out_dir)   # written with absolute paths (older runs: cwd-relative)
     _notify(progress, "setup", what="loading data and model, partitioning devices, grouping")
     exp = build(cfg)
     found = ckpt.restore_newest_good(out_dir / "checkpoints", cfg.checkpoint.keep, _arrays(exp.initial),

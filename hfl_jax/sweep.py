@@ -43,8 +43,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from hfl_jax.config import (MAYBE_PATH_KEYS, PATH_KEYS, ConfigError, ExperimentConfig, from_dict,
-                            load_config, to_dict)
+from hfl_jax.config import (ALGORITHM_SECTIONS, MAYBE_PATH_KEYS, PATH_KEYS, ConfigError, ExperimentConfig,
+                            fill_run_legacy, from_dict, load_config, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +220,14 @@ def run_config(study: Study, run: Run) -> ExperimentConfig:
 
 def _comparable(cfg: Mapping) -> dict:
     """A config dict with its file paths cut to their last two parts (a study moved to another
-    checkout still recognises its runs)."""
+    checkout still recognises its runs) and without the algorithm sections the run's algorithm does
+    not read (:data:`~hfl_jax.config.ALGORITHM_SECTIONS`)."""
     cfg = json.loads(json.dumps(cfg))
+    algo = cfg.get("algorithm")
+    if isinstance(algo, dict):   # a section only another algorithm reads does not make another run
+        for section, owner in ALGORITHM_SECTIONS.items():
+            if algo.get("name") != owner:
+                algo.pop(section, None)
     for keys in PATH_KEYS + MAYBE_PATH_KEYS:
         node = cfg
         for k in keys[:-1]:
@@ -239,7 +245,11 @@ def run_status(run: Run, cfg: ExperimentConfig) -> str:
     if not cfg_path.is_file():
         return "new"
     # through the dataclasses, so a field added since the run was written compares at its default
-    have = to_dict(from_dict(ExperimentConfig, yaml.safe_load(cfg_path.read_text())))
+    # (or at the behaviour the run had, where a default changed: config.RUN_LEGACY_DEFAULTS)
+    try:
+        have = to_dict(from_dict(ExperimentConfig, fill_run_legacy(yaml.safe_load(cfg_path.read_text()))))
+    except ConfigError as e:
+        raise ConfigError(f"{run.out}: its config.yaml no longer reads ({e}); move the run away") from None
     if _comparable(have) != _comparable(to_dict(cfg)):
         raise ConfigError(f"{run.out} holds a run of another config than the study now asks for; "
                           "move it away or restore the study file")
@@ -297,6 +307,11 @@ def choose(study: Study, *, finished_only: bool = False) -> tuple[dict, dict]:
     return chosen, scores
 
 
+def tuning_finished(study: Study) -> bool:
+    """Whether every tuning run of the study has finished (its ``summary.json`` is there)."""
+    return all((run.out / "summary.json").is_file() for run in tuning_runs(study))
+
+
 def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda *a: None,
           dry_run: bool = False, shard: tuple[int, int] = (0, 1)) -> list[tuple[Run, str]]:
     """Runs the study's tuning runs, then its final runs (each skipped when finished, resumed when
@@ -324,11 +339,10 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
                 execute(run, cfg, status)
             done.append((run, status))
 
-    tuning = tuning_runs(study)
-    stage(tuning)
+    stage(tuning_runs(study))
     if dry_run and any(s != "done" for _, s in done):
         return done
-    if n_shard > 1 and any(not (run.out / "summary.json").is_file() for run in tuning):
+    if n_shard > 1 and not tuning_finished(study):
         return done   # another shard's tuning runs are unfinished: the final runs cannot be planned yet
     stage(final_runs(study, choose(study)[0] if study.tune else {}))
     return done

@@ -152,3 +152,29 @@ def test_tokenizer_json_read_directly_equals_transformers(tmp_path, family):
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k], err_msg=f"{family} {k} T={max_length} pair={b is not None}")
     assert tok_mod.tokenizer_identity(fast)["vocab_sha256"] != ""
+
+
+@pytest.mark.parametrize("family, change", [
+    ("bert", {"do_lower_case": False}),           # transformers rebuilds the normalizer from the config
+    ("bert", {"truncation_side": "left"}),
+    ("roberta", {"add_prefix_space": True}),      # ... and RoBERTa's byte-level pre-tokenizer
+    ("bert", {"tokenizer_class": "DistilBertTokenizer"}),   # a class not checked here
+])
+def test_tokenizer_files_that_disagree_go_through_transformers(tmp_path, family, change):
+    """Where tokenizer_config.json says something tokenizer.json does not, transformers' reading wins:
+    load_tokenizer then uses transformers, and its ids are what tokenize_dataset produces."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / family
+    (tiny_bert(tmp_path) if family == "bert" else tiny_roberta()).save_pretrained(str(path))
+    assert tok_mod.json_tokenizer_agrees(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+    assert not tok_mod.json_tokenizer_agrees(path)
+    loaded = tok_mod._load_tokenizer(str(path))
+    assert not isinstance(loaded, tok_mod.JsonTokenizer)
+    want = tok_mod.encode(AutoTokenizer.from_pretrained(str(path), use_fast=True), ["The Cat", "ran"], None, 6)
+    got = tok_mod.encode(loaded, ["The Cat", "ran"], None, 6)
+    assert all(np.array_equal(got[k], want[k]) for k in want)

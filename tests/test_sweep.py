@@ -113,6 +113,40 @@ def test_a_run_written_before_a_config_field_existed_is_still_recognised(tmp_pat
     (run.out / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="another config"):
         sweep.run_status(run, cfg)
+    old["train"]["local_steps"] -= 1
+    # a section only another algorithm reads (HetLoRA's, here in a HierFedLoRA run) makes no other run
+    old["algorithm"]["hetlora"]["sparsity"] = "update"
+    (run.out / "config.yaml").write_text(yaml.safe_dump(old))
+    assert cfg.algorithm.name != "hetlora" and sweep.run_status(run, cfg) == "done"
+    # removed keys: the message names the run
+    old["bogus"] = 1
+    (run.out / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=f"{run.out}.*move the run away"):
+        sweep.run_status(run, cfg)
+
+
+def test_a_hetlora_run_written_before_padding_existed_reads_as_holders(tmp_path):
+    """algorithm.hetlora.padding's default became "zeros" when the field was added; a HetLoRA run
+    directory written before ran with "holders" (config.RUN_LEGACY_DEFAULTS): resume and the sweep
+    read it so, so such a run is neither resumed with another aggregation nor taken for a new one."""
+    from dataclasses import replace
+
+    from hfl_jax.config import load_run_config, to_dict
+    study = sweep.load_study(_study(tmp_path))
+    run = sweep.tuning_runs(study)[0]
+    cfg = sweep.run_config(study, run)
+    cfg = replace(cfg, algorithm=replace(cfg.algorithm, name="hetlora",
+                                         hetlora=replace(cfg.algorithm.hetlora, ranks=(1, 2, 4))))
+    old = to_dict(cfg)
+    del old["algorithm"]["hetlora"]["padding"]
+    run.out.mkdir(parents=True)
+    (run.out / "config.yaml").write_text(yaml.safe_dump(old))
+    (run.out / "summary.json").write_text("{}")
+    assert load_run_config(run.out).algorithm.hetlora.padding == "holders"
+    with pytest.raises(ConfigError, match="another config"):      # the study asks for the paper's zeros
+        sweep.run_status(run, cfg)
+    holders = replace(cfg, algorithm=replace(cfg.algorithm, hetlora=replace(cfg.algorithm.hetlora, padding="holders")))
+    assert sweep.run_status(run, holders) == "done"
 
 
 def test_shards_run_a_study_together_without_overlap(tmp_path, capsys):

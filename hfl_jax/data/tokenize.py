@@ -55,20 +55,58 @@ def resolve_tokenizer(name_or_path: str | os.PathLike) -> str:
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     """The tokenizer of ``resolve_tokenizer(name_or_path)``, loaded once per process and resolved path
     (a run tokenizes its train and evaluation splits with it): a local directory with a
-    ``tokenizer.json`` is read by the Rust ``tokenizers`` library directly (:class:`JsonTokenizer`,
-    the same ids as transformers' fast tokenizer, without importing transformers and PyTorch:
-    ~4 s of every cold start on 2 cores); anything else (a hub name, a directory without
-    ``tokenizer.json``) by ``transformers.AutoTokenizer.from_pretrained(..., use_fast=True)``."""
+    ``tokenizer.json`` that transformers would use as it is (:func:`json_tokenizer_agrees`) is read
+    by the Rust ``tokenizers`` library directly (:class:`JsonTokenizer`: the same ids, without
+    importing transformers and PyTorch, ~4 s of every cold start on 2 cores); anything else (a hub
+    name, other files) by ``transformers.AutoTokenizer.from_pretrained(..., use_fast=True)``."""
     return _load_tokenizer(str(resolve_tokenizer(name_or_path)))
 
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(resolved: str) -> Any:
-    if (Path(resolved) / "tokenizer.json").is_file():
+    if json_tokenizer_agrees(resolved):
         return JsonTokenizer(resolved)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolved, use_fast=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def json_tokenizer_agrees(path: str | os.PathLike) -> bool:
+    """Whether ``path``'s ``tokenizer.json`` alone gives what transformers would: transformers 5
+    rebuilds a BERT tokenizer's normalizer from ``tokenizer_config.json`` (``do_lower_case``,
+    ``strip_accents``, ``tokenize_chinese_chars``) and a RoBERTa one's pre-tokenizer
+    (``add_prefix_space``), adds ``added_tokens_decoder`` entries and honours padding/truncation
+    sides; so :class:`JsonTokenizer` is used only for a BERT or RoBERTa tokenizer whose files agree
+    on all of these (as files saved by transformers do), and transformers otherwise."""
+    path = Path(path)
+    tok, config = _read_json(path / "tokenizer.json"), _read_json(path / "tokenizer_config.json")
+    if not tok or not config:
+        return False
+    cls = str(config.get("tokenizer_class", "")).removesuffix("Fast")
+    norm, pre, post = tok.get("normalizer") or {}, tok.get("pre_tokenizer") or {}, tok.get("post_processor") or {}
+    added = {t.get("content") for t in tok.get("added_tokens", [])}
+    if any(config.get(k, "right") != "right" for k in ("padding_side", "truncation_side")) \
+            or config.get("split_special_tokens") \
+            or any(v.get("content") not in added for v in (config.get("added_tokens_decoder") or {}).values()):
+        return False
+    if cls == "BertTokenizer":
+        return (norm.get("type") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer"
+                and norm.get("lowercase") == config.get("do_lower_case", True)
+                and norm.get("strip_accents") == config.get("strip_accents")
+                and norm.get("handle_chinese_chars") == config.get("tokenize_chinese_chars", True)
+                and post.get("type") in ("TemplateProcessing", "BertProcessing"))
+    if cls == "RobertaTokenizer":
+        return (not norm and pre.get("type") == "ByteLevel"
+                and pre.get("add_prefix_space") == config.get("add_prefix_space", False)
+                and post.get("type") == "RobertaProcessing")
+    return False
 
 
 class JsonTokenizer:
@@ -76,8 +114,8 @@ class JsonTokenizer:
     ``special_tokens_map.json`` when present) run by ``tokenizers.Tokenizer``; called like a
     transformers tokenizer for what :func:`encode` and :func:`tokenizer_identity` use. The
     template (``[CLS] a [SEP] b [SEP]``, ``<s> a </s></s> b </s>``) is the file's post-processor,
-    as in transformers; token types are zeros for tokenizers whose config lists no
-    ``token_type_ids`` input (the RoBERTa family)."""
+    and the token types are the post-processor's, as transformers returns them with
+    ``return_token_type_ids=True``. :func:`json_tokenizer_agrees` says when the files alone suffice."""
 
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
@@ -96,8 +134,6 @@ class JsonTokenizer:
         self._pad = token(config.get("pad_token")) or "[PAD]"
         if self._tok.token_to_id(self._pad) is None:
             raise DataError(f"tokenizer {path}: pad token {self._pad!r} is not in its vocabulary")
-        names = config.get("model_input_names")
-        self._types = names is None or "token_type_ids" in names
         self._lock = threading.Lock()   # truncation and padding are settings of the shared Rust object
 
     @property
@@ -120,7 +156,7 @@ class JsonTokenizer:
             tok.enable_padding(length=max_length, pad_id=tok.token_to_id(self._pad), pad_token=self._pad)
             enc = tok.encode_batch(list(text_a) if text_b is None else list(zip(text_a, text_b)))
         return {"input_ids": [e.ids for e in enc], "attention_mask": [e.attention_mask for e in enc],
-                "token_type_ids": [e.type_ids if self._types else [0] * len(e.ids) for e in enc]}
+                "token_type_ids": [e.type_ids for e in enc]}
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:

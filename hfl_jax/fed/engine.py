@@ -55,7 +55,7 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
     :func:`~hfl_jax.data.packing.plan_group_round`) and trains on packed batches.
 
     ``aggregator``: a group aggregator from :mod:`hfl_jax.fed.group_aggregators`
-    (``FedAvg()``, ``RankPadded(sparsity)``, ``SVDProductMean()``); hashable, part of the cache key.
+    (``FedAvg()``, ``RankPadded(sparsity, padding)``, ``SVDProductMean()``); hashable, part of the cache key.
 
     Returns:
       the aggregated trainable (unchanged if every weight is 0), :class:`GroupRoundMetrics`,
