@@ -27,6 +27,9 @@ value). The final runs use it and are evaluated on the task's evaluation split, 
 never reads. A setting with ``tuned_in: S`` runs no tuning of its own and takes setting S's values. A method with ``lr_from: M`` takes method M's chosen value (controls at another
 method's learning rate).
 
+Several processes can share a study folder with ``hfl-jax sweep STUDY.yaml --shard I/N`` (each runs
+the runs at positions I, I+N, ... of each stage; see :func:`sweep`).
+
 Everything here is deterministic: a finished run (``summary.json`` present, same config) is
 skipped; an interrupted one is resumed from its checkpoint; the report is a pure function of
 the runs' ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` files, so a rerun of a finished
