@@ -134,7 +134,7 @@ def cmd_run(args) -> int:
     if isinstance(cfg, int):
         return cfg
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    return _train(args, lambda progress: driver.run(cfg, out, progress=progress), out)
+    return _train(args, lambda progress: driver.run(cfg, out, progress=progress, plots=not args.no_plots), out)
 
 
 def cmd_resume(args) -> int:
@@ -143,7 +143,7 @@ def cmd_resume(args) -> int:
     out = Path(args.dir)
     if not (out / "config.yaml").is_file():
         return _fail(f"{out} has no config.yaml: not a hfl-jax run directory")
-    return _train(args, lambda progress: driver.resume(out, progress=progress), out)
+    return _train(args, lambda progress: driver.resume(out, progress=progress, plots=not args.no_plots), out)
 
 
 def cmd_sweep(args) -> int:
@@ -171,7 +171,7 @@ def cmd_sweep(args) -> int:
         except ValueError:
             return _fail(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     if not args.report_only:
-        sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard)
+        sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard, plots=not args.no_plots)
         if shard[1] > 1 and not args.dry_run and not sweep.tuning_finished(study):
             print(f"shard {shard[0]}/{shard[1]}: tuning runs of other shards are unfinished; "
                   "rerun this command once they are to run this shard's final runs", flush=True)
@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; values are parsed as YAML)")
     r.add_argument("--out", help="run directory (default: runs/<config name>); must not hold another run")
     r.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
+    r.add_argument("--no-plots", action="store_true", help="draw no PNGs (hfl-jax report RUN draws them later)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
     _launch_options(r)
     r.set_defaults(fn=cmd_run)
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bit-identical to an uninterrupted run.")
     s.add_argument("dir", help="run directory written by `hfl-jax run`")
     s.add_argument("--quiet", action="store_true", help="no progress display (there is none off a terminal)")
+    s.add_argument("--no-plots", action="store_true", help="draw no PNGs (hfl-jax report RUN draws them later)")
     s.add_argument("--json", action="store_true", help="print the final summary as JSON instead of a table")
     _launch_options(s)
     s.set_defaults(fn=cmd_resume)
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("study", help="study YAML file (e.g. experiments/studies/sst2.yaml)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     w.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
+    w.add_argument("--no-plots", action="store_true", help="the runs draw no PNGs (the report needs none)")
     w.add_argument("--shard", metavar="I/N", help="run only this process's share of the runs (positions I, I+N, ...; "
                    "0 <= I < N): N processes sharing the study folder run it together; run --report-only once all "
                    "have finished for the complete report")

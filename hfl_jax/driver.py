@@ -589,20 +589,23 @@ def save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def _finish(out_dir: Path, summary: dict, started: float) -> dict:
-    """Plots, then ``wall_time`` = the whole command (set-up, compilation, rounds, plots)."""
+def _finish(out_dir: Path, summary: dict, started: float, plots: bool = True) -> dict:
+    """Plots (unless ``plots`` is false), then ``wall_time`` = the whole command (set-up,
+    compilation, rounds, plots)."""
     if is_main_process():
-        write_plots(out_dir)
+        if plots:
+            write_plots(out_dir)
         summary["wall_time"] = time.perf_counter() - started
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None) -> dict:
+def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
     """Starts a run in ``out_dir`` (created; must not hold another run's checkpoints).
 
     Every config check (:func:`hfl_jax.config.preflight`) runs before any data or model is
-    loaded; ``progress(event, info)`` is told ``"setup"`` and then what :func:`train_loop` tells."""
+    loaded; ``progress(event, info)`` is told ``"setup"`` and then what :func:`train_loop` tells.
+    ``plots=False`` writes no PNG (``hfl-jax report RUN`` draws them later from the run's files)."""
     from hfl_jax.config import preflight
 
     started = time.perf_counter()
@@ -613,12 +616,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, out_dir)
-        write_partition(exp, out_dir)
+        write_partition(exp, out_dir, plot=plots)
     summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
-    return _finish(out_dir, summary, started)
+    return _finish(out_dir, summary, started, plots)
 
 
-def resume(out_dir: str | Path, progress=None) -> dict:
+def resume(out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
     """Continues the run in ``out_dir`` from its newest checkpoint that restores cleanly
     (bit-identical to an uninterrupted run, wall times aside). Newer checkpoints that fail to
     restore are moved aside to ``checkpoints.corrupt/`` with a one-line warning naming the bad
@@ -648,15 +651,17 @@ def resume(out_dir: str | Path, progress=None) -> dict:
         history = meta["history"]
         log.info("resuming %s from checkpoint %d", out_dir, step)
     summary = train_loop(exp, out_dir, state, history, progress, started)
-    return _finish(out_dir, summary, started)
+    return _finish(out_dir, summary, started, plots)
 
 
-def write_partition(exp: Experiment, out_dir: Path) -> dict:
-    """partition.json (per-device sizes, label histograms, KL; per-group KL and sizes) and partition.png."""
+def write_partition(exp: Experiment, out_dir: Path, plot: bool = True) -> dict:
+    """partition.json (per-device sizes, label histograms, KL; per-group KL and sizes) and, with
+    ``plot``, partition.png."""
     from hfl_jax.data import partition_report, plot_partition
 
     report = partition_report(exp.train_labels, exp.parts, len(exp.label_names))
-    plot_partition(report, out_dir / "partition.png", class_names=list(exp.label_names))
+    if plot:
+        plot_partition(report, out_dir / "partition.png", class_names=list(exp.label_names))
     groups = grouping_lib.group_report(exp.label_counts, exp.env.assignment, speeds=exp.env.profiles["flops"])
     info = {"devices": report.to_dict(), "groups": ckpt.to_json(groups),
             "assignment": exp.env.assignment.tolist()}

@@ -259,8 +259,9 @@ def run_status(run: Run, cfg: ExperimentConfig) -> str:
     return "done" if (run.out / "summary.json").is_file() else "partial"
 
 
-def execute(run: Run, cfg: ExperimentConfig, status: str) -> None:
-    """Runs (``new``) or resumes (``partial``) one run; a finished one is left alone."""
+def execute(run: Run, cfg: ExperimentConfig, status: str, plots: bool = True) -> None:
+    """Runs (``new``) or resumes (``partial``) one run; a finished one is left alone. ``plots``:
+    whether the run draws its PNGs (the study report needs none of them)."""
     from hfl_jax import driver
 
     if status == "new":
@@ -268,9 +269,9 @@ def execute(run: Run, cfg: ExperimentConfig, status: str) -> None:
             # started but killed before its config was written: nothing to keep
             import shutil
             shutil.rmtree(run.out)
-        driver.run(cfg, run.out)
+        driver.run(cfg, run.out, plots=plots)
     elif status == "partial":
-        driver.resume(run.out)
+        driver.resume(run.out, plots=plots)
 
 
 # --- tuning ----------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def tuning_finished(study: Study) -> bool:
 
 
 def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda *a: None,
-          dry_run: bool = False, shard: tuple[int, int] = (0, 1)) -> list[tuple[Run, str]]:
+          dry_run: bool = False, shard: tuple[int, int] = (0, 1), plots: bool = True) -> list[tuple[Run, str]]:
     """Runs the study's tuning runs, then its final runs (each skipped when finished, resumed when
     interrupted), and returns ``[(run, status before)]``. ``notify(status, run, i, n)`` is called before
     each run. ``dry_run``: statuses only (needs the tuning runs finished to plan the final ones).
@@ -325,7 +326,8 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
     so ``n`` processes (cores, accelerators or hosts sharing the study's folder) run a study together,
     none touching another's runs. A shard whose tuning share is done waits for no one: it runs its
     final share only once every tuning run has finished (rerun it then); the report is a pure
-    function of the finished runs, whichever process writes it."""
+    function of the finished runs, whichever process writes it. ``plots=False``: the runs draw no
+    PNGs (seconds each; the report needs none)."""
     i_shard, n_shard = shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
@@ -339,7 +341,7 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
             status = run_status(run, cfg)
             notify(status, run, i, len(runs))
             if not dry_run:
-                execute(run, cfg, status)
+                execute(run, cfg, status, plots)
             done.append((run, status))
 
     stage(tuning_runs(study))

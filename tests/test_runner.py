@@ -208,6 +208,21 @@ def test_resuming_a_finished_run_adds_no_round(smoke_run, tmp_path):
     assert (copy / "metrics.jsonl").read_text() == before
 
 
+def test_no_plots_draws_no_png(smoke_run, tmp_path):
+    """``--no-plots`` (``plots=False``): the run's files without a PNG; ``hfl-jax report`` draws them later."""
+    import shutil
+    copy = tmp_path / "done"
+    shutil.copytree(smoke_run, copy)
+    for png in copy.glob("*.png"):
+        png.unlink()
+    r = hfl("resume", copy, "--quiet", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert (copy / "summary.json").is_file() and not list(copy.glob("*.png"))
+    r = hfl("resume", copy, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (copy / "accuracy_vs_rounds.png").is_file()
+
+
 def test_runtime_errors_are_one_line(tmp_path):
     r = hfl("run", SMOKE, "--set", "data.custom.train=no/such/file.csv", "--out", tmp_path / "x")
     assert r.returncode != 0
