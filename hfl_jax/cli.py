@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every run of a study file that is not finished (finished runs are "
                                    "skipped, interrupted ones resumed), then write <out>/report.md. See README, "
                                    "'Studies'.")
-    w.add_argument("study", help="study YAML file (e.g. experiments/studies/sst2.yaml)")
+    w.add_argument("study", help="study YAML file (e.g. experiments/studies/fidelity.yaml)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     w.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     w.add_argument("--no-plots", action="store_true", help="the runs draw no PNGs (the report needs none)")
