@@ -5,9 +5,7 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 EPILOG = "Config reference: README.md (section 'Configuration') and experiments/configs/*.yaml."
@@ -161,15 +159,10 @@ def cmd_sweep(args) -> int:
         value = "" if run.value is None else f" / {study.tune.key}={run.value}"
         print(f"{verb} {what}{value}  ({run.out.relative_to(study.out)})", flush=True)
 
-    shard = (0, 1)
-    if args.shard:
-        try:
-            i, n = (int(x) for x in args.shard.split("/"))
-            shard = (i, n)
-            if not (n >= 1 and 0 <= i < n):
-                raise ValueError
-        except ValueError:
-            return _fail(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
+    try:
+        shard = sweep.parse_shard(args.shard) if args.shard else (0, 1)
+    except ValueError as e:
+        return _fail(f"--shard: {e}")
     if not args.report_only:
         sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard, plots=not args.no_plots)
         if shard[1] > 1 and not args.dry_run and not sweep.tuning_finished(study):
@@ -180,14 +173,9 @@ def cmd_sweep(args) -> int:
     text = study_report.study_report(study)
     path = study.out / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report.md.")
-    try:   # atomic: shards finishing together never leave a mixed file
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from hfl_jax.files import write_atomic
+
+    write_atomic(path, lambda f: f.write(text.encode()))   # shards finishing together never mix a file
     print(f"wrote {path}")
     return 0
 

@@ -199,14 +199,20 @@ ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora"}
 RUN_LEGACY_DEFAULTS = ((("algorithm", "hetlora", "padding"), "holders"),)
 
 
+def parent_node(raw: Any, keys: tuple) -> dict | None:
+    """The dict of config dict ``raw`` that holds key path ``keys``' last key (``None`` if a step is missing)."""
+    node = raw
+    for k in keys[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
 def fill_run_legacy(raw: dict) -> dict:
     """A run directory's stored config (a dict) with :data:`RUN_LEGACY_DEFAULTS` filled where absent."""
     raw = json.loads(json.dumps(raw))
     for keys, value in RUN_LEGACY_DEFAULTS:
-        node = raw
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and keys[-1] not in node:
+        node = parent_node(raw, keys)
+        if node is not None and keys[-1] not in node:
             node[keys[-1]] = value
     return raw
 
@@ -629,10 +635,8 @@ def resolve_paths(raw: dict, base: Path) -> dict:
 
     raw = copy.deepcopy(raw)
     for keys, always in [(k, True) for k in PATH_KEYS] + [(k, False) for k in MAYBE_PATH_KEYS]:
-        node = raw
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or node.get(keys[-1]) is None:
+        node = parent_node(raw, keys)
+        if node is None or node.get(keys[-1]) is None:
             continue
         value = node[keys[-1]]
         if always or (isinstance(value, str) and _looks_like_path(value, base)):
@@ -669,11 +673,15 @@ def read_yaml(path: str | Path, _seen: tuple = (), resolve: bool = True) -> dict
     return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),), resolve), raw)
 
 
+def read_run_dict(run_dir: str | Path) -> dict:
+    """A run directory's ``config.yaml`` as written (absolute paths, older runs cwd-relative), with
+    :data:`RUN_LEGACY_DEFAULTS` filled: what the run ran with."""
+    return fill_run_legacy(read_yaml(Path(run_dir) / "config.yaml", resolve=False))
+
+
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The config a run directory was written with (its ``config.yaml``: absolute paths, older runs
-    cwd-relative), with :data:`RUN_LEGACY_DEFAULTS` filled, validated."""
-    raw = fill_run_legacy(read_yaml(Path(run_dir) / "config.yaml", resolve=False))
-    return load_config(data=raw)
+    """The validated config a run directory was written with (:func:`read_run_dict`)."""
+    return load_config(data=read_run_dict(run_dir))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None,

@@ -35,6 +35,7 @@ from hfl_jax.fed.engine import make_evaluate
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.local import base_of
 from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_arrays
+from hfl_jax.files import write_atomic
 from hfl_jax.report import record_totals
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 
@@ -402,9 +403,7 @@ def _fault_point(round_: int) -> None:
 
 
 def _write_jsonl(path: Path, records: list) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def next_round(exp: Experiment, state: AlgoState) -> tuple[AlgoState, dict]:

@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 
 from hfl_jax.config import (ALGORITHM_SECTIONS, MAYBE_PATH_KEYS, PATH_KEYS, ConfigError, ExperimentConfig,
-                            fill_run_legacy, from_dict, load_config, to_dict)
+                            from_dict, load_config, parent_node, read_run_dict, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +232,8 @@ def _comparable(cfg: Mapping) -> dict:
             if algo.get("name") != owner:
                 algo.pop(section, None)
     for keys in PATH_KEYS + MAYBE_PATH_KEYS:
-        node = cfg
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and "/" in node[keys[-1]]:
+        node = parent_node(cfg, keys)
+        if node is not None and isinstance(node.get(keys[-1]), str) and "/" in node[keys[-1]]:
             node[keys[-1]] = "/".join(Path(node[keys[-1]]).parts[-2:])
     return cfg
 
@@ -250,7 +248,7 @@ def run_status(run: Run, cfg: ExperimentConfig) -> str:
     # through the dataclasses, so a field added since the run was written compares at its default
     # (or at the behaviour the run had, where a default changed: config.RUN_LEGACY_DEFAULTS)
     try:
-        have = to_dict(from_dict(ExperimentConfig, fill_run_legacy(yaml.safe_load(cfg_path.read_text()))))
+        have = to_dict(from_dict(ExperimentConfig, read_run_dict(run.out)))
     except ConfigError as e:
         raise ConfigError(f"{run.out}: its config.yaml no longer reads ({e}); move the run away") from None
     if _comparable(have) != _comparable(to_dict(cfg)):
@@ -311,6 +309,22 @@ def choose(study: Study, *, finished_only: bool = False) -> tuple[dict, dict]:
     return chosen, scores
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``; ``ValueError`` unless ``0 <= I < N``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = 0, 0
+    _check_shard((i, n), text)
+    return i, n
+
+
+def _check_shard(shard: tuple[int, int], shown: Any) -> None:
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"expected I/N with 0 <= I < N, got {shown!r}")
+
+
 def tuning_finished(study: Study) -> bool:
     """Whether every tuning run of the study has finished (its ``summary.json`` is there)."""
     return all((run.out / "summary.json").is_file() for run in tuning_runs(study))
@@ -328,9 +342,8 @@ def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda
     final share only once every tuning run has finished (rerun it then); the report is a pure
     function of the finished runs, whichever process writes it. ``plots=False``: the runs draw no
     PNGs (seconds each; the report needs none)."""
+    _check_shard(shard, shard)
     i_shard, n_shard = shard
-    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     done = []
 
     def stage(runs: list) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hfl_jax.data.tasks import DataError, DataNotFoundError, TextDataset
+from hfl_jax.files import write_atomic
 from hfl_jax.packaged import ALIASES, pip_name
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ class JsonTokenizer:
         path = Path(path)
         self.name_or_path = str(path)
         self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (path / name).is_file():
-                config.update(json.loads((path / name).read_text()))
+        config = {**_read_json(path / "special_tokens_map.json"), **_read_json(path / "tokenizer_config.json")}
         token = lambda v: v.get("content") if isinstance(v, dict) else v
         self.all_special_tokens = list(dict.fromkeys(
             token(v) for k, v in config.items() if k.endswith("_token") and token(v)))
@@ -239,13 +236,6 @@ def tokenize_dataset(ds: TextDataset, tokenizer: Any, max_length: int,
     out = encode(tokenizer, ds.text_a, ds.text_b, max_length)
     out["labels"] = np.asarray(ds.labels, dtype=np.int32)
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **out)
-        os.replace(tmp, path)  # atomic: concurrent runs never see a partial file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda f: np.savez(f, **out))   # concurrent runs never see a partial file
     log.info("tokenized %s/%s (%d rows) and cached to %s", ds.task, ds.split, len(ds), path)
     return out
