@@ -140,6 +140,11 @@ class TrainConfig:
     # groups of different sizes share one program per depth; "exact": each group its own size (no
     # padding work, one program per distinct size and depth; results equal to float rounding).
     group_padding: str = "largest"      # largest | exact
+    # "per_depth": one group-round program per fine-tuning depth (the frozen layers get no backward
+    # pass); "shared": one program for every depth (the depth is an argument; the frozen layers'
+    # backward pass is computed and discarded): fewer compilations, slower steps at shallow depths.
+    # Same values either way up to float rounding (benchmarks/RESULTS.md, issue 16).
+    depth_program: str = "per_depth"    # per_depth | shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +418,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"one of none, dots, dense, full; got {cfg.model.remat!r}")
     _require(cfg.train.group_padding in ("largest", "exact"), "train.group_padding",
              f"one of largest, exact; got {cfg.train.group_padding!r}")
+    _require(cfg.train.depth_program in ("per_depth", "shared"), "train.depth_program",
+             f"one of per_depth, shared; got {cfg.train.depth_program!r}")
     _require(cfg.model.unroll in ("auto", "always", "never"), "model.unroll",
              f"one of auto, always, never; got {cfg.model.unroll!r}")
     b = a.bandit

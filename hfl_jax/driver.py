@@ -338,6 +338,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
               probe_data=None if probe_data is None else tuple(
                   axis.put(_group_data(probe_data, s, prepare)) for s in slots),
               probe_n_max=0 if probe_data is None else probe_data.n_max,
+              shared_depth=cfg.train.depth_program == "shared",
               **_packing(cfg, model, cached, data, slots))
     if env.pack_row_len and cfg.data.pack_rows == "run":
         from hfl_jax.algos.stages import run_pack_rows
@@ -519,7 +520,8 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
                 compiling=sorted({int(d) for d in exp.algorithm.depths} - compiled))
         start = time.perf_counter()
         state, record = next_round(exp, state)
-        compiled |= {g["depth"] for g in record["groups"] if not g.get("skipped")}
+        ran = {g["depth"] for g in record["groups"] if not g.get("skipped")}
+        compiled |= {int(d) for d in exp.algorithm.depths} if (ran and env.shared_depth) else ran
         if state.round % t.eval_every == 0 or stop_reason(history, state, t) is not None:
             loss, acc = evaluate(state.trainable, env.base, exp.eval_data)
             record["eval_loss"], record["eval_accuracy"] = float(loss), float(acc)
@@ -613,10 +615,15 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None, *, plots: boo
     _notify(progress, "setup", what="loading data and model, partitioning devices, grouping")
     exp = build(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, out_dir)
-        write_partition(exp, out_dir, plot=plots)
-    summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
+    with ThreadPoolExecutor(max_workers=1) as side:
+        partition = None
+        if is_main_process():
+            save_config(cfg, out_dir)
+            # partition.json and .png are drawn beside the compilation (XLA works outside the GIL)
+            partition = side.submit(write_partition, exp, out_dir, plot=plots)
+        summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
+        if partition is not None:
+            partition.result()
     return _finish(out_dir, summary, started, plots)
 
 

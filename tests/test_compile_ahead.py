@@ -61,3 +61,32 @@ def test_group_padding_exact_matches_largest():
         assert ra["sim_time"] == rb["sim_time"] and ra["bytes_up"] == rb["bytes_up"]
     for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_depth_program_compiles_one_group_round_for_every_depth():
+    """``train.depth_program: shared``: one group-round program serves both depths of the arm grid
+    (two with ``per_depth``), no round compiles, and the first round agrees with ``per_depth`` to
+    float rounding (later rounds may pull other arms: the bandit sees rewards that differ in the
+    last bits)."""
+    over = ["algorithm.name=hierfedlora", "model.tiny.num_layers=2", "algorithm.depths=[1,2]",
+            "algorithm.taus=[1]", "train.lr=0.00293", "lora.rank=4", "train.local_steps=2"]
+    first = {}
+    for mode in ("per_depth", "shared"):
+        exp = build(load_config(SMOKE, over + [f"train.depth_program={mode}"]))
+        assert len({len(s) for s in exp.env.group_slots}) == 1   # one group shape
+        with CompileCounter() as ahead:
+            precompile(exp, exp.initial)
+        assert ahead.count("group_round") == (1 if mode == "shared" else 2), (mode, ahead.names)
+        state, depths = exp.initial, set()
+        with CompileCounter() as rounds:
+            for r in range(4):
+                state, rec = next_round(exp, state)
+                depths |= {g["depth"] for g in rec["groups"] if not g["skipped"]}
+                if r == 0:
+                    first[mode] = (rec, state.trainable)
+        assert rounds.count("group_round") == 0 and depths == {1, 2}, (mode, rounds.names, depths)
+    (ra, ta), (rb, tb) = first["per_depth"], first["shared"]
+    assert [g["depth"] for g in ra["groups"]] == [g["depth"] for g in rb["groups"]]
+    assert [g["train_loss"] for g in rb["groups"]] == pytest.approx([g["train_loss"] for g in ra["groups"]], rel=1e-5)
+    for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

@@ -72,6 +72,42 @@ def test_one_step_at_depth_changes_only_top_layers_and_head(tiny, depth):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() > 0
 
 
+@pytest.mark.parametrize("depth", [0, 3, 6])
+def test_shared_depth_program_equals_static_depth(tiny, depth):
+    """One program for every depth (``train.depth_program: shared``: the depth traced): the same
+    step as the static-depth program, frozen layers' adapters bit-identical, up to float rounding
+    elsewhere; the backward pass through the frozen layers is computed, not skipped."""
+    model, params = tiny
+    trainable = {"lora": _randomise_B(init_lora(jax.random.PRNGKey(3), CFG, LoRAConfig(rank=4))),
+                 "head": params["head"]}
+    inner = optax.adamw(1e-2, weight_decay=0.1)
+    L = CFG.num_layers
+
+    def static(tr, base, batch):
+        opt = make_optimizer(inner, L, depth)
+        return make_train_step(model, opt, depth)(tr, opt.init(tr), base, batch)
+
+    @jax.jit
+    def shared(tr, base, batch, d):
+        opt = make_optimizer(inner, L, d)
+        return make_train_step(model, opt, d)(tr, opt.init(tr), base, batch)
+
+    ref, _, m_ref = jax.jit(static)(trainable, base_of(params), _batch())
+    new, _, m_new = shared(trainable, base_of(params), _batch(), jnp.int32(depth))
+    np.testing.assert_allclose(m_new.loss, m_ref.loss, rtol=1e-6)
+    for t, ab in trainable["lora"].weights.items():
+        for k in ("A", "B"):
+            before, a, b = (np.asarray(x) for x in (ab[k], ref["lora"].weights[t][k], new["lora"].weights[t][k]))
+            np.testing.assert_array_equal(before[: L - depth], b[: L - depth])   # frozen: untouched
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(ref["head"]), jax.tree.leaves(new["head"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    # one program: a second depth reuses it
+    assert shared._cache_size() == 1
+    shared(trainable, base_of(params), _batch(), jnp.int32((depth + 1) % (L + 1)))
+    assert shared._cache_size() == 1
+
+
 def _step_flops(model, params, depth):
     trainable = {"lora": init_lora(jax.random.PRNGKey(3), CFG, LoRAConfig(rank=8)), "head": params["head"]}
     opt = make_optimizer(optax.sgd(0.1), CFG.num_layers, depth)

@@ -87,13 +87,13 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
         for k, arm, record, fb in pulls:
             sel, learned = selector.update(sel, k, arm, fb._replace(round_time=seconds))
             record.update(learned)
-        trainable = stages.global_aggregate(state.trainable, results)
+        trainable = stages.global_aggregate(state.trainable, results, groups=env.num_groups)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
     depths = tuple(sorted(set(arm_depths.tolist())))
     return FedAlgorithm(name, depths, group, init, round_, probes=selector.probes, intra_rounds=int(arm_taus.max()),
                         programs=lambda env, state: stages.programs(env, state.trainable, depths=depths,
-                                                                    probes=selector.probes))
+                                                                    probes=selector.probes, pad_groups=True))
 
 
 def _grid(acfg, num_layers):

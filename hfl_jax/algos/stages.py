@@ -26,6 +26,7 @@ from hfl_jax.fed.engine import make_group_round, make_probe
 from hfl_jax.fed.env import Env
 from hfl_jax.fed.group_aggregators import FedAvg
 from hfl_jax.fed.timemodel import global_round_time
+from hfl_jax.fed.xla import signature
 from hfl_jax.report import TIER_BYTES, TIER_TIMES
 
 PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
@@ -150,11 +151,19 @@ class GroupTraining(NamedTuple):
     devices: Any = None                # with device_lora: the devices' trained trainables [S, ...]
 
 
-def _group_round_fn(env: Env, *, depth: int, aggregator: Any, optimizer: Any, per_device: bool, pack: Any) -> Any:
-    """The compiled group round (:func:`~hfl_jax.fed.engine.make_group_round`) of this environment."""
+def _group_round_fn(env: Env, *, depth: int, aggregator: Any, optimizer: Any, per_device: bool, pack: Any
+                    ) -> tuple[Any, dict]:
+    """The compiled group round (:func:`~hfl_jax.fed.engine.make_group_round`) of this environment at
+    ``depth``, and the keyword arguments that select the depth (with ``env.shared_depth`` one program
+    serves every depth and takes it as an argument)."""
+    if env.shared_depth:
+        depth, kw = None, {"depth": np.int32(depth)}
+    else:
+        kw = {}
     return make_group_round(env.model, optimizer or env.optimizer, depth=depth,
                             local_steps=env.workload.local_steps, batch_size=env.workload.batch_size,
-                            n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device, pack=pack)
+                            n_max=env.n_max, axis=env.axis, aggregator=aggregator, per_device=per_device,
+                            pack=pack), kw
 
 
 def _group_inputs(env: Env, g: GroupView, device_lora: Any) -> tuple:
@@ -180,9 +189,9 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     for t in range(tau):
         key_t = jax.random.fold_in(key, t)
         pack, plan = packed_plan(env, g, key_t)
-        fn = _group_round_fn(env, depth=depth, aggregator=aggregator, optimizer=optimizer, per_device=per_device,
-                             pack=pack)
-        out = fn(tr, env.base, data, ids, weights, key_t, ranks, *extra, **plan)
+        fn, kw = _group_round_fn(env, depth=depth, aggregator=aggregator, optimizer=optimizer,
+                                 per_device=per_device, pack=pack)
+        out = fn(tr, env.base, data, ids, weights, key_t, ranks, *extra, **plan, **kw)
         tr, m = out[0], out[1]
         devices = out[2] if per_device else None
         finite = m.finite if finite is None else finite & m.finite
@@ -213,32 +222,40 @@ def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
 
 
 def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregator: Any = FedAvg(),
-             optimizer: Any = None, device_lora: Any = None, ranks: np.ndarray | None = None) -> list[Callable]:
+             optimizer: Any = None, device_lora: Any = None, ranks: np.ndarray | None = None,
+             pad_groups: bool = False) -> list[Callable]:
     """Zero-argument callables that compile, ahead of time, every program a round of an algorithm
     may run: each group's round at each of ``depths`` (with the algorithm's aggregator, optimizer
     and per-device adapters), the probe when ``probes``, and the small eager operations of the
-    round (key derivation, the global aggregation for every number of groups). Run them in any
-    order, concurrently (``hfl_jax.driver.precompile``)."""
+    round (key derivation, the global aggregation for every number of groups, or only for all of
+    them when the algorithm pads to it, ``pad_groups``: :func:`global_aggregate`), each distinct
+    program once (groups padded to one size share their programs). Run them in any order,
+    concurrently (``hfl_jax.driver.precompile``)."""
     present = np.ones(env.num_devices, bool)
     ranks = full_ranks(env) if ranks is None else ranks
     key = round_key(env, 0)
-    out = []
+    out, seen = [], set()
     per_device = device_lora is not None
+
+    def add(fn, *args, **kw):   # one thunk per distinct program (a duplicate would only wait for it)
+        program = (id(fn), signature(args, kw))
+        if program not in seen:
+            seen.add(program)
+            out.append(functools.partial(fn.precompile, *args, **kw))
     for k in range(env.num_groups):
         g = group_view(env, k, present, ranks)
         data, ids, weights, ranks_k, extra = _group_inputs(env, g, device_lora)
         key0 = jax.random.fold_in(key, 0)
-        for d in depths:
+        for d in (depths[:1] if env.shared_depth else depths):   # shared: one program, any depth
             pack, plan = packed_plan(env, g, key0)
             if pack is not None and not env.pack_rows:
                 continue   # rows per round: each row count compiles when a round first needs it
-            fn = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
-                                 per_device=per_device, pack=pack)
-            out.append(functools.partial(fn.precompile, trainable, env.base, data, ids, weights, key0, ranks_k,
-                                         *extra, **plan))
+            fn, kw = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
+                                     per_device=per_device, pack=pack)
+            add(fn, trainable, env.base, data, ids, weights, key0, ranks_k, *extra, **plan, **kw)
         if probes:
             fn, args = _probe_call(env, g)
-            out.append(functools.partial(fn.precompile, *args(trainable, key)))
+            add(fn, *args(trainable, key))
 
     def eager_ops():
         # compiled on first use per shape: fold_in, the finite flags' AND, the cloud's aggregation
@@ -246,7 +263,7 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
         for size in sorted({len(s) for s in env.group_slots}):
             flags = env.axis.put(np.ones(size, bool))
             jax.block_until_ready(flags & flags)
-        for n in range(1, env.num_groups + 1):
+        for n in ((env.num_groups,) if pad_groups else range(1, env.num_groups + 1)):
             jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n))
     return out + [eager_ops]
 
@@ -267,11 +284,16 @@ def arm_costs(env: Env, g: GroupView, arm_depths: np.ndarray, arm_taus: np.ndarr
                               arm_depths, arm_taus, time_budget)
 
 
-def global_aggregate(prev: Any, results: list) -> Any:
+def global_aggregate(prev: Any, results: list, *, groups: int | None = None) -> Any:
     """The cloud's layer-wise aggregation (:func:`~hfl_jax.fed.aggregate.layerwise_aggregate`) of
-    ``results``: ``[(group trainable, depth, weight)]``; ``prev`` when no group trained."""
+    ``results``: ``[(group trainable, depth, weight)]``; ``prev`` when no group trained.
+
+    ``groups``: pad ``results`` to this many entries with ``prev`` at weight 0 (no contribution:
+    the same values), so one compiled program serves a round whatever number of groups trained."""
     if not results:
         return prev
+    if groups is not None:
+        results = list(results) + [(prev, 0, 0.0)] * (groups - len(results))
     return _layerwise(tuple(tr for tr, _, _ in results), jnp.asarray([d for _, d, _ in results]),
                       jnp.asarray([w for _, _, w in results], jnp.float32), prev)
 

@@ -5,7 +5,8 @@ group's devices (through :class:`~hfl_jax.fed.device_axis.DeviceAxis`, which
 shards and chunks the device axis), broadcasting the group's current adapters
 and the frozen base, and aggregates the devices' results in the same call
 (sample-weighted FedAvg, non-finite devices dropped). Compiled once per
-``(depth, E, B, n_max, shapes)`` and reused.
+``(depth, E, B, n_max, shapes)`` and reused; with ``depth=None`` once for every depth
+(the depth is then an argument of the call).
 """
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ class GroupRoundMetrics(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int, local_steps: int,
+def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int | None, local_steps: int,
                      batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
                      aggregator: Any = FedAvg(), per_device: bool = False, pack: Any = None):
     """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None)``
     ``-> (trainable, metrics)``.
+
+    ``depth``: the fine-tuning depth, static (one program per depth), or ``None``: one program
+    for every depth, which the call then takes as the keyword ``depth`` (an int32 scalar; the
+    frozen layers' backward pass is computed and discarded, :mod:`hfl_jax.models.encoder`).
 
     Args (of the returned function):
       trainable: ``{"lora": LoRA, "head": ...}`` the group's current model (broadcast to its devices).
@@ -62,18 +67,22 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
       and with ``per_device=True`` also the devices' trained trainables ``[M, ...]``.
     """
     local = make_local_train(model, inner, depth, local_steps, batch_size, n_max, pack)
+    static_depth = depth
 
-    def start_from(trainable, base, data_row, key, device_id, rank, plan, *device_lora):
+    def start_from(trainable, base, data_row, key, device_id, rank, plan, traced_depth, *device_lora):
         if per_device:
             trainable = dict(trainable, lora=device_lora[0])
-        return local(trainable, base, data_row, key, device_id, rank, plan)
-    mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0) + (0,) * per_device)
+        return local(trainable, base, data_row, key, device_id, rank, plan, traced_depth)
+    mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0, None) + (0,) * per_device)
 
     @jit
-    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora, plan=None):
+    def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora, plan=None,
+                    depth=None):
         if ranks is None:
             ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
-        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, plan, *device_lora)
+        if (depth is not None) != (static_depth is None):
+            raise TypeError("group_round takes the keyword depth exactly when built with depth=None")
+        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, plan, depth, *device_lora)
         agg, finite, used = aggregator(new, trainable, weights, ranks)
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         if per_device:

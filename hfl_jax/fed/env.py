@@ -46,6 +46,7 @@ class Env:
     pack_row_len: int = 0
     group_lengths: tuple = ()
     pack_rows: int = 0                 # rows of every packed round (data.pack_rows: run); 0: each round's own
+    shared_depth: bool = False         # one group-round program for every depth (train.depth_program: shared)
 
     @property
     def num_groups(self) -> int:

@@ -2,9 +2,11 @@
 
 The trainable state of a device is ``{"lora": LoRA, "head": head_params}``;
 the frozen base parameters (everything but ``"head"``) are a separate argument
-that is broadcast, never copied per device. Fine-tuning depth is static: it
-cuts the backward pass (``stop_gradient`` below the top ``depth`` layers) and
-masks the optimizer's updates (:func:`hfl_jax.models.lora.depth_masked`).
+that is broadcast, never copied per device. Fine-tuning depth cuts the backward
+pass (``stop_gradient`` below the top ``depth`` layers) and masks the optimizer's
+updates (:func:`hfl_jax.models.lora.depth_masked`). It is static (one program per
+depth), or ``None`` in :func:`make_local_train`: then the local round takes it as a
+traced argument and one program serves every depth (``train.depth_program: shared``).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def base_of(params: Mapping[str, Any]) -> dict:
 
 
 def make_loss_fn(model: EncoderModel, depth: int, start_layer: int = 0) -> Callable:
-    """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at static ``depth``.
+    """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at ``depth`` (static, or a traced int32).
 
     Examples with ``batch["mask"] == False`` (padding) contribute nothing; a batch
     with no real example has loss 0 and zero gradient. With ``start_layer > 0`` the
@@ -85,11 +87,12 @@ def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation
     return step
 
 
-def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, depth: int,
+def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, depth: int | None,
                      num_steps: int, batch_size: int, n_max: int, pack: Any = None) -> Callable:
     """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
 
-    Returns ``local_train(trainable, base, data_row, round_key, device_id, rank) -> (trainable, StepMetrics[E])``
+    Returns ``local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None)``
+    ``-> (trainable, StepMetrics[E])`` (``traced_depth``: an int32 scalar, only with ``depth=None``)
     where ``data_row`` is one device's :class:`~hfl_jax.data.DeviceData` slice (no device axis)
     and ``rank`` the device's LoRA rank: components ``>= rank`` are zeroed on arrival
     (HetLoRA's truncation) and, having zero gradient, stay zero; pass the full rank
@@ -109,10 +112,10 @@ def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, d
     from hfl_jax.data import gather_batches, sample_batch_indices
     from hfl_jax.data.packing import pack_batch
 
-    opt = make_optimizer(inner, model.num_layers, depth)
-
-    def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None):
-        step = make_train_step(model, opt, depth, data_row.hidden_layer)
+    def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None):
+        d = depth if depth is not None else traced_depth
+        opt = make_optimizer(inner, model.num_layers, d)
+        step = make_train_step(model, opt, d, data_row.hidden_layer)
         trainable = dict(trainable, lora=truncate_to(trainable["lora"], rank))
         if pack is None:
             idx, mask = sample_batch_indices(round_key, device_id, data_row.counts, n_max, num_steps, batch_size)

@@ -12,7 +12,10 @@ Parameters are a plain nested dict::
 The layer loop is a ``lax.scan`` over the stacked axis, so a fine-tuning depth
 ``d`` is a static slice: the bottom ``L - d`` layers run under
 ``lax.stop_gradient`` (no backward pass through them at all) and the top ``d``
-layers run with gradients.
+layers run with gradients. A traced ``d`` (one compiled program for every depth,
+``train.depth_program: shared``) runs all layers in one scan and cuts the gradient
+at the input of layer ``L - d`` instead: the same values, the backward pass of the
+frozen layers computed (zeros) and discarded.
 """
 from __future__ import annotations
 
@@ -156,7 +159,9 @@ class EncoderModel:
         own segment; ``attention_mask`` is then ignored.
 
         ``depth`` (static int, default all layers): only the top ``depth`` layers
-        are differentiated; gradients stop at their input.
+        are differentiated; gradients stop at their input. A traced int32 scalar gives the
+        same values and gradients from one program for every depth (module doc); it is not
+        checked (the caller keeps it in ``[0, L - start_layer]``).
 
         ``hidden0`` (``[B, T, H]``, optional) with ``start_layer`` (static int): start from
         these hidden states, taken as the output of layer ``start_layer - 1`` (e.g. from
@@ -165,13 +170,14 @@ class EncoderModel:
         """
         emb, ctx_mod, block, _ = self._modules()
         L = self.cfg.num_layers
-        depth = L if depth is None else int(depth)
+        traced = isinstance(depth, jax.Array)   # one program for every depth (module doc)
+        depth = L if depth is None else (depth if traced else int(depth))
         start_layer = int(start_layer)
-        if not 0 <= depth <= L:
+        if not traced and not 0 <= depth <= L:
             raise ValueError(f"depth must be in [0, {L}], got {depth}")
-        if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= L - depth:
+        if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= (L - 1 if traced else L - depth):
             raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
-                             f"[0, L - depth = {L - depth}]")
+                             f"[0, L - depth = {L if traced else L - depth}]")
         if segment_ids is not None:
             if not self.packs or hidden0 is not None:
                 raise ValueError(f"packed rows need a BERT/RoBERTa model without cuDNN attention and no "
@@ -181,6 +187,9 @@ class EncoderModel:
         else:
             h = self._embed(params, input_ids, attention_mask, token_type_ids) if hidden0 is None else hidden0
             ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
+        if traced:   # one program for every depth: cut the gradient at layer L - depth's input
+            h = self._run_layers(params, h, ctx, lora, start_layer, L, remat=self.remat, cut=L - depth)
+            return jnp.where(depth == 0, jax.lax.stop_gradient(h), h)
         split = L - depth
         if split > start_layer:
             h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split))
@@ -210,9 +219,10 @@ class EncoderModel:
         return self.family.embeddings(self.cfg).apply({"params": params["embeddings"]}, input_ids,
                                                       token_type_ids, attention_mask, *extra)
 
-    def _run_layers(self, params, h, ctx, lora, start, stop, remat: str = "none"):
+    def _run_layers(self, params, h, ctx, lora, start, stop, remat: str = "none", cut: Array | None = None):
         """Layers ``[start, stop)`` as a ``lax.scan`` over the stacked layer axis, each layer under
-        ``jax.checkpoint`` with the ``remat`` policy (and then as a rolled scan) unless it is ``"none"``."""
+        ``jax.checkpoint`` with the ``remat`` policy (and then as a rolled scan) unless it is ``"none"``.
+        ``cut`` (traced int): no gradient flows into layer ``cut``'s input, so none reaches the layers below."""
         if stop <= start:
             return h
         block = self._modules()[2]
@@ -229,9 +239,15 @@ class EncoderModel:
             unroll = 1
 
         def body(h, xs):
-            layer_params, layer_lora = xs
+            if cut is not None:
+                layer_params, layer_lora, index = xs
+                h = jnp.where(index == cut, jax.lax.stop_gradient(h), h)
+            else:
+                layer_params, layer_lora = xs
             return layer(layer_params, h, layer_lora), None
         xs = (_slice_layers(params["layers"], start, stop), _slice_layers(weights, start, stop))
+        if cut is not None:
+            xs += (jnp.arange(start, stop),)
         return jax.lax.scan(body, h, xs, unroll=unroll)[0]
 
     def apply(self, params: Params, input_ids: Array, attention_mask: Array,
@@ -245,7 +261,7 @@ class EncoderModel:
           params: base parameters including ``"head"``.
           input_ids, attention_mask, token_type_ids: ``[B, T]`` int arrays.
           lora: optional :class:`~hfl_jax.models.lora.LoRA` adapters.
-          depth: static fine-tuning depth; see :meth:`hidden_states`.
+          depth: fine-tuning depth, static or traced; see :meth:`hidden_states`.
           start_layer, hidden0: start from cached hidden states; see :meth:`hidden_states`.
           position_ids, segment_ids ``[R, L]``, slots ``[S]``: packed rows (:mod:`hfl_jax.data.packing`);
             the logits are then ``[S, num_labels]``, one per sequence starting at flat index ``slots``.

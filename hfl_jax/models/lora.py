@@ -122,8 +122,12 @@ def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: in
 
     Together with the ``stop_gradient`` cut in the forward pass this makes the frozen
     layers' adapters bit-identical across steps, whatever the optimizer's state holds.
+    ``depth`` may be a traced int32 scalar (one program for every depth; not checked).
     """
-    mask = jnp.asarray(layer_mask(num_layers, depth))
+    if isinstance(depth, jax.Array):
+        mask = jnp.arange(num_layers) >= num_layers - depth
+    else:
+        mask = jnp.asarray(layer_mask(num_layers, depth))
 
     def update(updates, state, params=None):
         updates, state = inner.update(updates, state, params)
