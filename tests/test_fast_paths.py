@@ -104,6 +104,22 @@ def test_group_round_probe_and_eval_from_cached_layers_equal_full_forward():
         check_untouched(plain["lora"], 2)   # depth-2 training moved layer 1's B
 
 
+def test_probe_on_host_drawn_batches_equals_its_own_sampler():
+    """The rounds' probe scores batches drawn by the training sampler on the host (its first step);
+    the probe with its own in-graph sampler gives the same losses, bit for bit."""
+    from hfl_jax.data.packing import sample_group_indices
+
+    model, params, trainable, data, sizes = setup()
+    base = base_of(params)
+    ids, key = jnp.arange(8, dtype=jnp.int32), jax.random.PRNGKey(11)
+    own = make_probe(model, B, data.n_max)(trainable, base, data, ids, key)
+    idx, mask = sample_group_indices(key, ids, data.counts, n_max=data.n_max, num_steps=E, batch_size=B)
+    drawn = make_probe(model, B, data.n_max, drawn=True)(trainable, base, data, idx[:, 0], mask[:, 0])
+    for a, b in zip(own, drawn):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(own[1]).sum() > 0
+
+
 SMOKE = "tests/configs/tiny_v1.yaml"   # the pre-issue-15 smoke setting
 
 

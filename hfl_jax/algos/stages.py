@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hfl_jax.algos.api import AlgoState
-from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset
+from hfl_jax.data.packing import PackSpec, plan_group_round, position_offset, sample_group_indices
 from hfl_jax.fed import cost as cost_lib
 from hfl_jax.fed.aggregate import layerwise_aggregate
 from hfl_jax.fed.engine import make_group_round, make_probe
@@ -202,12 +202,22 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
 
 
 def _probe_call(env: Env, g: GroupView) -> tuple[Any, Callable]:
-    """``(compiled probe, (trainable, key) -> its arguments)`` of group ``g`` (held-out examples if any)."""
+    """``(compiled probe, (trainable, key) -> its arguments)`` of group ``g`` (held-out examples if any).
+
+    The probe's batches are drawn by the training rounds' sampler (``sample_group_indices``; its
+    first step is the batch the probe's own sampler would draw, so the losses are the same), on the
+    host: one sampler program for the packed rounds' plans and the probe."""
     held_out = env.probe_data is not None
     data = env.probe_data[g.k] if held_out else env.group_data[g.k]
-    fn = make_probe(env.model, env.workload.batch_size, env.probe_n_max if held_out else env.n_max, env.axis)
-    ids = _device_ids(env, g)
-    return fn, lambda tr, key: (tr, env.base, data, ids, jax.random.fold_in(key, PROBE_SALT))
+    n_max, batch_size = (env.probe_n_max if held_out else env.n_max), env.workload.batch_size
+    fn = make_probe(env.model, batch_size, n_max, env.axis, drawn=True)
+    ids, counts = jnp.asarray(_slot_ids(env, g)), jnp.asarray(np.asarray(data.counts), jnp.int32)
+
+    def args(tr, key):
+        idx, mask = sample_group_indices(jax.random.fold_in(key, PROBE_SALT), ids, counts, n_max=n_max,
+                                         num_steps=env.workload.local_steps, batch_size=batch_size)
+        return tr, env.base, data, env.axis.put(np.asarray(idx)[:, 0]), env.axis.put(np.asarray(mask)[:, 0])
+    return fn, args
 
 
 def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
@@ -242,6 +252,14 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
         if program not in seen:
             seen.add(program)
             out.append(functools.partial(fn.precompile, *args, **kw))
+
+    def add_probe(g):   # its batches are drawn when the thunk runs (by the sampler, maybe compiling it)
+        fn, args = _probe_call(env, g)
+        data = env.probe_data if env.probe_data is not None else env.group_data
+        program = (id(fn), signature((data[g.k],), {}))   # the drawn batches' shapes follow from the data's
+        if program not in seen:
+            seen.add(program)
+            out.append(lambda: fn.precompile(*args(trainable, key)))
     for k in range(env.num_groups):
         g = group_view(env, k, present, ranks)
         data, ids, weights, ranks_k, extra = _group_inputs(env, g, device_lora)
@@ -254,8 +272,7 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
                                      per_device=per_device, pack=pack)
             add(fn, trainable, env.base, data, ids, weights, key0, ranks_k, *extra, **plan, **kw)
         if probes:
-            fn, args = _probe_call(env, g)
-            add(fn, *args(trainable, key))
+            add_probe(g)
 
     def eager_ops():
         # compiled on first use per shape: fold_in, the finite flags' AND, the cloud's aggregation

@@ -124,26 +124,37 @@ def make_evaluate(model: EncoderModel):
 
 
 @functools.lru_cache(maxsize=16)
-def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis()):
+def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
+               drawn: bool = False):
     """Compiled ``probe(trainable, base, data, device_ids, probe_key) -> (loss [M], count [M])``:
     each device's loss of ``trainable`` on one batch drawn with ``probe_key`` (no training).
+
+    ``drawn=True``: the batches come drawn (on the host, by the training rounds' compiled sampler:
+    :func:`~hfl_jax.data.packing.sample_group_indices`, whose first step is this one batch) and the
+    call is ``probe(trainable, base, data, idx, mask)`` with ``idx``, ``mask`` ``[M, B]``: the same
+    losses from a program without a sampler of its own (the sampler dominated its compilation).
 
     Used for the bandit's progress signal: the same probe batches are scored
     before and after a group's round.
     """
     from hfl_jax.data import gather_batches, sample_batch_indices
 
-    def one(trainable, base, data_row, key, device_id):
+    def score(trainable, base, data_row, idx, mask):
         loss_fn = make_loss_fn(model, 0, data_row.hidden_layer)
-        idx, mask = sample_batch_indices(key, device_id, data_row.counts, n_max, 1, batch_size)
-        batch = jax.tree.map(lambda x: x[0], dict(gather_batches(data_row, idx), mask=mask))
-        _, m = loss_fn(trainable, base, batch)
+        _, m = loss_fn(trainable, base, dict(gather_batches(data_row, idx), mask=mask))
         return m.loss, m.count
 
-    mapped = axis.map(one, in_axes=(None, None, 0, None, 0))
+    def one(trainable, base, data_row, key, device_id):
+        idx, mask = sample_batch_indices(key, device_id, data_row.counts, n_max, 1, batch_size)
+        return score(trainable, base, data_row, idx[0], mask[0])
+
+    mapped = axis.map(score if drawn else one, in_axes=(None, None, 0, 0, 0) if drawn else (None, None, 0, None, 0))
 
     @jit
-    def probe(trainable, base, data, device_ids, probe_key):
+    def probe(trainable, base, data, *args):
+        if drawn:   # args = (idx, mask)
+            return axis.constrain(mapped(trainable, base, data, *args), sharded=False)
+        device_ids, probe_key = args
         return axis.constrain(mapped(trainable, base, data, probe_key, device_ids), sharded=False)
 
     return probe
