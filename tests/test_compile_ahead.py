@@ -1,5 +1,6 @@
 """Compile-ahead (``train.compile_ahead``): every program a run's rounds need is compiled before
 round 1, so no round compiles anything, even when the bandit changes arms."""
+import json
 from pathlib import Path
 
 import jax
@@ -90,3 +91,23 @@ def test_shared_depth_program_compiles_one_group_round_for_every_depth():
     assert [g["train_loss"] for g in rb["groups"]] == pytest.approx([g["train_loss"] for g in ra["groups"]], rel=1e-5)
     for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth_program", ["per_depth", "shared"])
+def test_compile_ahead_changes_no_metric(tmp_path, depth_program):
+    """The same run with the rounds' programs compiled lazily (``train.compile_ahead: false``: each
+    compiles when a round first calls it) and ahead of time: metrics.jsonl equal byte for byte,
+    wall-clock fields aside. Lazily first: the ahead-of-time run then fills the programs'
+    executables (a fresh learning rate: programs no other test compiled)."""
+    from hfl_jax.driver import run
+
+    over = ["train.rounds=3", "train.lr=0.00317", "algorithm.taus=[1,2]", f"train.depth_program={depth_program}"]
+    lines = {}
+    for ahead in (False, True):
+        out = tmp_path / f"ahead_{ahead}"
+        run(load_config(SMOKE, over + [f"train.compile_ahead={str(ahead).lower()}"]), out, plots=False)
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        for r in recs:
+            r.pop("wall_time")
+        lines[ahead] = recs
+    assert len(lines[True]) == 3 and lines[True] == lines[False]
