@@ -338,6 +338,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
               probe_data=None if probe_data is None else tuple(
                   axis.put(_group_data(probe_data, s, prepare)) for s in slots),
               probe_n_max=0 if probe_data is None else probe_data.n_max,
+              probe_counts=None if probe_data is None else np.asarray(probe_data.counts),
               shared_depth=cfg.train.depth_program == "shared",
               **_packing(cfg, model, cached, data, slots))
     if env.pack_row_len and cfg.data.pack_rows == "run":

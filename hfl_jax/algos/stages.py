@@ -211,7 +211,9 @@ def _probe_call(env: Env, g: GroupView) -> tuple[Any, Callable]:
     data = env.probe_data[g.k] if held_out else env.group_data[g.k]
     n_max, batch_size = (env.probe_n_max if held_out else env.n_max), env.workload.batch_size
     fn = make_probe(env.model, batch_size, n_max, env.axis, drawn=True)
-    ids, counts = jnp.asarray(_slot_ids(env, g)), jnp.asarray(np.asarray(data.counts), jnp.int32)
+    per_device = env.probe_counts if held_out else env.counts   # host values (a sharded array may span processes)
+    counts = jnp.asarray(np.where(g.slots >= 0, per_device[g.ids], 0), jnp.int32)
+    ids = jnp.asarray(_slot_ids(env, g))
 
     def args(tr, key):
         idx, mask = sample_group_indices(jax.random.fold_in(key, PROBE_SALT), ids, counts, n_max=n_max,

@@ -41,6 +41,7 @@ class Env:
     availability: float = 1.0          # probability that a sampled device is available
     probe_data: tuple | None = None    # per group: DeviceData of the devices' held-out probe examples (or None)
     probe_n_max: int = 0               # most probe examples any device holds
+    probe_counts: np.ndarray | None = None   # [N] held-out probe examples per device (host), with probe_data
     # Sequence packing of training steps (hfl_jax.data.packing): row length L, 0 = off; then
     # group_lengths holds per group the real tokens of every row, [S, n_max] int (host numpy).
     pack_row_len: int = 0
