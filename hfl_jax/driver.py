@@ -288,7 +288,9 @@ def workload(cfg: ExperimentConfig) -> Workload:
 def build(cfg: ExperimentConfig) -> Experiment:
     """Everything deterministic from the config: model, data, partition, profiles, groups, state 0."""
     from hfl_jax.data import eval_batches, make_device_data
+    from hfl_jax.fed.xla import use_unrolled_threefry
 
+    use_unrolled_threefry()   # random programs compile faster on CPU, same bits (hfl_jax.fed.xla)
     train_text, valid_text = load_text(cfg)
     label_names = train_text.label_names
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -14,6 +14,13 @@ followed by XLA's own loop fusions: 1.78 -> 1.52 s per round at M=4, B=16, T=64
 otherwise it passes no option. Only how XLA groups the same operations changes, so results
 agree to float rounding (the tests compare fused and unfused calls).
 
+Threefry on CPU: JAX lowers its Threefry-2x32 hash (every ``jax.random`` draw) on CPU as a rolled
+5-iteration loop, elsewhere unrolled. Unrolled, XLA:CPU compiles a random program several times faster
+(one ``uniform``: 0.49 -> 0.09 s; the smoke run cold: ~1.5 s of ~15 s, ``benchmarks/RESULTS.md``) and
+the hash is the same integer arithmetic, so every random bit is unchanged (``tests/test_xla_options.py``).
+:func:`use_unrolled_threefry` registers JAX's own unrolled rule for CPU (``hfl_jax.driver.build`` calls
+it; ``HFL_THREEFRY=rolled`` keeps JAX's default); it does nothing where that rule is not found.
+
 Ahead-of-time compilation: every function :func:`jit` returns has ``precompile(*args, **kw)``,
 which lowers and compiles it for those arguments' shapes, dtypes and shardings and keeps the
 executable; later calls with a matching signature run it without tracing or compiling
@@ -46,6 +53,24 @@ def compiler_options() -> tuple[tuple[str, str], ...]:
     except Exception:  # noqa: BLE001  (an unknown option: another jaxlib)
         return ()
     return tuple(sorted(CPU_OPTIONS.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def use_unrolled_threefry() -> bool:
+    """Lowers Threefry-2x32 unrolled on CPU (module docstring); ``True`` if it did. Process-wide and
+    idempotent; affects programs compiled afterwards only."""
+    if os.environ.get("HFL_THREEFRY", "") == "rolled" or jax.default_backend() != "cpu":
+        return False
+    try:
+        from jax._src.random import threefry2x32 as threefry
+        from jax.extend.random import threefry2x32_p
+        from jax.interpreters import mlir
+
+        rule = threefry._threefry2x32_lowering_rule   # JAX's unrolled rule (its default off CPU)
+    except (ImportError, AttributeError):   # another JAX: keep its lowering
+        return False
+    mlir.register_lowering(threefry2x32_p, rule, platform="cpu")
+    return True
 
 
 def _leaf_signature(x) -> tuple:
