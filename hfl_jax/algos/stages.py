@@ -249,19 +249,20 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
     out, seen = [], set()
     per_device = device_lora is not None
 
-    def add(fn, *args, **kw):   # one thunk per distinct program (a duplicate would only wait for it)
-        program = (id(fn), signature(args, kw))
+    def once(program, thunk):   # one thunk per distinct program (a duplicate would only wait for it)
         if program not in seen:
             seen.add(program)
-            out.append(functools.partial(fn.precompile, *args, **kw))
+            out.append(thunk)
+
+    def add(fn, *args, **kw):
+        once((id(fn), signature(args, kw)), functools.partial(fn.precompile, *args, **kw))
 
     def add_probe(g):   # its batches are drawn when the thunk runs (by the sampler, maybe compiling it)
         fn, args = _probe_call(env, g)
         data = env.probe_data if env.probe_data is not None else env.group_data
-        program = (id(fn), signature((data[g.k],), {}))   # the drawn batches' shapes follow from the data's
-        if program not in seen:
-            seen.add(program)
-            out.append(lambda: fn.precompile(*args(trainable, key)))
+        # the drawn batches' shapes follow from the data's
+        once((id(fn), signature((data[g.k],), {})), lambda: fn.precompile(*args(trainable, key)))
+
     for k in range(env.num_groups):
         g = group_view(env, k, present, ranks)
         data, ids, weights, ranks_k, extra = _group_inputs(env, g, device_lora)
