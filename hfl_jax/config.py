@@ -200,8 +200,12 @@ ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora"}
 
 # Defaults that changed after their field was added: a run directory's ``config.yaml`` written before
 # the field existed ran with the old behaviour, so :func:`load_run_config` fills these where absent.
-# algorithm.hetlora.padding: HetLoRA averaged each rank component over its holders until 2026-11-29.
-RUN_LEGACY_DEFAULTS = ((("algorithm", "hetlora", "padding"), "holders"),)
+# algorithm.hetlora.padding: HetLoRA averaged each rank component over its holders until 2026-11-29;
+# algorithm.hetlora.sparsity: its weights were the round's update norms before the field existed (c2177d2);
+# algorithm.bandit.reward: R-UCB's reward was the EMA-referenced one before the field existed (f1c53bd).
+RUN_LEGACY_DEFAULTS = ((("algorithm", "hetlora", "padding"), "holders"),
+                       (("algorithm", "hetlora", "sparsity"), "update"),
+                       (("algorithm", "bandit", "reward"), "ema"))
 
 
 def parent_node(raw: Any, keys: tuple) -> dict | None:

@@ -149,6 +149,25 @@ def test_a_hetlora_run_written_before_padding_existed_reads_as_holders(tmp_path)
     assert sweep.run_status(run, holders) == "done"
 
 
+def test_runs_written_before_sparsity_and_reward_existed_read_as_their_old_behaviour(tmp_path):
+    """A run directory without algorithm.hetlora.sparsity or algorithm.bandit.reward ran with update-norm
+    weights and the EMA reward (config.RUN_LEGACY_DEFAULTS); one that has them keeps its own values."""
+    from hfl_jax.config import load_run_config, to_dict
+    study = sweep.load_study(_study(tmp_path))
+    run = sweep.tuning_runs(study)[0]
+    cfg = sweep.run_config(study, run)
+    old = to_dict(cfg)
+    del old["algorithm"]["hetlora"]["sparsity"], old["algorithm"]["bandit"]["reward"]
+    run.out.mkdir(parents=True)
+    (run.out / "config.yaml").write_text(yaml.safe_dump(old))
+    loaded = load_run_config(run.out).algorithm
+    assert (loaded.hetlora.sparsity, loaded.bandit.reward) == ("update", "ema")
+    assert (cfg.algorithm.hetlora.sparsity, cfg.algorithm.bandit.reward) == ("adapter", "detrended")
+    (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    loaded = load_run_config(run.out).algorithm
+    assert (loaded.hetlora.sparsity, loaded.bandit.reward) == ("adapter", "detrended")
+
+
 def test_shards_run_a_study_together_without_overlap(tmp_path, capsys):
     """``--shard I/N``: each process takes every N-th run of each stage; a shard runs final runs only
     once every tuning run (its own and the others') has finished; together they run each run once."""
