@@ -587,8 +587,9 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=("auto", "xla", "cudnn", "einsum"), default="auto",
                    help="hfl_jax BERT/RoBERTa attention kernel (EncoderModel.attention)")
     p.add_argument("--unroll", type=int, default=None,
-                   help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers; default: as the driver "
-                        "does, all layers when L <= driver.UNROLL_MAX_LAYERS, else 1)")
+                   help="EncoderModel.unroll of the layer lax.scan (0 = unroll all layers; default: all layers "
+                        "when L <= driver.UNROLL_MAX_LAYERS, else 1; the driver's model.unroll: auto "
+                        "also weighs the backend and the hidden size)")
     p.add_argument("--peak-size", type=int, default=2048,
                    help="n of the n x n float32 matmul that measures the peak (at the start and the end of the run; "
                         "the higher is used)")
