@@ -3,11 +3,12 @@
 A pure function of the runs' files: the same runs give the same bytes. Per setting:
 
 * **tuning**: each tuned method's mean validation score per grid value, and the value chosen;
-* **results**: per method, over its seeds, mean [95% CI] of the final test accuracy, the
+* **results**: per method, over its seeds, mean [95% CI] of the final test accuracy and of the mean
+  of the last k evaluations (k = the tuning's ``last``, else 3: less sensitive to one round's swing), the
   simulated seconds to each target (over the seeds that reach it, ``k/n``), the accuracy at
   equal simulated time (the shortest run's total simulated time, so every run has reached it),
   and the traffic per tier (device-edge, cloud) in MB;
-* **paired with the reference** (by seed): the difference in final accuracy, the ratio of times
+* **paired with the reference** (by seed): the difference in final accuracy and in the last-k mean, the ratio of times
   to each target (method / reference: above 1 means the reference is faster; geometric mean,
   CI on the logs, over seeds where both reach it) and the ratio of total traffic;
 * **bandit**: how often each (depth, tau) arm was pulled, the rounds in which a time budget
@@ -80,6 +81,16 @@ def _final_accuracy(run: dict) -> float | None:
     return float(ev[-1, 2]) if len(ev) else None
 
 
+def _last_mean(run: dict, k: int) -> float | None:
+    """Mean accuracy of the run's last ``k`` evaluations (the tuning's score, on the reported split)."""
+    ev = run_report.evaluations(run)
+    return float(np.mean(ev[-k:, 2])) if len(ev) else None
+
+
+def _last_k(study: Study) -> int:
+    return study.tune.last if study.tune else 3
+
+
 def _traffic(run: dict) -> dict:
     tiers = run_report.tier_totals(run["records"])
     total = sum(r.get("bytes_up", 0.0) + r.get("bytes_down", 0.0) for r in run["records"])
@@ -148,7 +159,9 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
         return lines + ["No finished final run yet.", ""]
     all_runs = [r for m, _ in methods for r in runs[(setting, m)].values()]
     t_eq = min(float(r["records"][-1]["sim_time"]) for r in all_runs)
-    head = ["method", "seeds", "value", "final acc"] + [f"time to {t:.2f} (s)" for t in study.targets] + \
+    k = _last_k(study)
+    head = ["method", "seeds", "value", "final acc", f"last-{k} mean acc"] + \
+        [f"time to {t:.2f} (s)" for t in study.targets] + \
         [f"acc at {t_eq:.3g} s", "device-edge (MB)", "cloud (MB)", "total (MB)"]
     rows = []
     for m, spec in methods:
@@ -158,7 +171,8 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
         value = chosen.get((tuned_in or setting, spec.lr_from or m)) if study.tune else None
         traffic = [_traffic(r) for r in rs]
         seeds = ", ".join(map(str, sorted(by_seed))) + (f" ({len(rs)}/{expected})" if len(rs) < expected else "")
-        rows.append([m, seeds, "base" if value is None else f"{value:g}", _cell([_final_accuracy(r) for r in rs], 4)]
+        rows.append([m, seeds, "base" if value is None else f"{value:g}", _cell([_final_accuracy(r) for r in rs], 4),
+                     _cell([_last_mean(r, k) for r in rs], 4)]
                     + [_cell([time_to(r, t) for r in rs], 1, of=len(rs)) for t in study.targets]
                     + [_cell([accuracy_at(r, t_eq) for r in rs], 4)]
                     + [_cell([x[k] for x in traffic], 1, scale=1 / MB) for k in ("edge", "cloud", "total")])
@@ -181,7 +195,9 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
 
 def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: str) -> list[str]:
     base = runs[(setting, ref)]
-    head = ["method", f"Δ final acc vs {ref}"] + [f"time to {t:.2f}: method / {ref}" for t in study.targets] + \
+    k = _last_k(study)
+    head = ["method", f"Δ final acc vs {ref}", f"Δ last-{k} mean acc"] + \
+        [f"time to {t:.2f}: method / {ref}" for t in study.targets] + \
         [f"traffic: method / {ref}"]
     rows = []
     for m, _ in methods:
@@ -192,7 +208,9 @@ def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: 
             continue
         diffs = [_final_accuracy(a) - _final_accuracy(b) for a, b in pairs
                  if _final_accuracy(a) is not None and _final_accuracy(b) is not None]
-        row = [m, _cell(diffs, 4) + f" (n={len(diffs)})"]
+        last = [_last_mean(a, k) - _last_mean(b, k) for a, b in pairs
+                if _last_mean(a, k) is not None and _last_mean(b, k) is not None]
+        row = [m, _cell(diffs, 4) + f" (n={len(diffs)})", _cell(last, 4)]
         for t in study.targets:
             ratios = [time_to(a, t) / time_to(b, t) for a, b in pairs
                       if time_to(a, t) is not None and time_to(b, t) is not None and time_to(b, t) > 0]

@@ -48,6 +48,7 @@ def test_sweep_runs_skips_and_rewrites_the_report_identically(tmp_path, capsys):
     text = report.decode()
     assert "### Tuning" in text and "### Paired by seed with `hierfedlora`" in text
     assert "device-edge (MB)" in text and "5 of 5 final finished" in text
+    assert "| last-1 mean acc |" in text and "| Δ last-1 mean acc |" in text   # k = the tuning's `last`
 
     # a rerun skips every run and writes the same bytes
     assert cli.main(["sweep", str(path)]) == 0
@@ -188,3 +189,17 @@ def test_shards_run_a_study_together_without_overlap(tmp_path, capsys):
     assert not list(sweep.load_study(path).out.rglob("*.png"))   # --no-plots
     assert cli.main(["sweep", str(path), "--shard", "2/2"]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_report_last_k_mean_reads_the_last_k_evaluations():
+    """The report's last-k column: the mean of the last k evaluated rounds (rounds without an
+    evaluation do not count), hand-computed."""
+    from hfl_jax.study_report import _last_mean
+    records = [{"round": 1, "sim_time": 1.0, "eval_accuracy": 0.5}, {"round": 2, "sim_time": 2.0},
+               {"round": 3, "sim_time": 3.0, "eval_accuracy": 0.7}, {"round": 4, "sim_time": 4.0, "eval_accuracy": 0.6},
+               {"round": 5, "sim_time": 5.0, "eval_accuracy": 0.9}]
+    run = {"records": records}
+    assert _last_mean(run, 1) == pytest.approx(0.9)
+    assert _last_mean(run, 3) == pytest.approx((0.7 + 0.6 + 0.9) / 3)
+    assert _last_mean(run, 9) == pytest.approx((0.5 + 0.7 + 0.6 + 0.9) / 4)
+    assert _last_mean({"records": [{"round": 1, "sim_time": 1.0}]}, 3) is None
