@@ -189,6 +189,24 @@ def time_it(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def profile_thunks(run, out: str, calls: int = 2) -> "collections.Counter":
+    """Milliseconds per call of every complete event (XLA thunk, PjRt call, ...) in a ``jax.profiler``
+    trace of ``calls`` calls of ``run``, written under ``out``, by event name."""
+    import collections
+    import glob
+    import gzip
+
+    with jax.profiler.trace(out):
+        for _ in range(calls):
+            run()
+    trace = sorted(glob.glob(f"{out}/**/*.trace.json.gz", recursive=True))[-1]
+    ms = collections.Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+        if e.get("ph") == "X":
+            ms[e.get("name", "")] += e.get("dur", 0) / 1e3 / calls
+    return ms
+
+
 def measure_peak(n: int, repeats: int) -> float:
     """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` (best of ``repeats`` after warm-up)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)

@@ -121,18 +121,7 @@ def hlo_dots(hlo: str) -> dict[str, tuple[float, tuple, tuple]]:
 def profile_round(run, dots: dict, out: str, local_steps: int, calls: int = 2, top: int = 12) -> None:
     """A ``jax.profiler`` trace of ``calls`` calls: milliseconds and GFLOP/s per call by dot shape, then
     the largest other thunk kinds (thunks overlap on the cores, so the parts add up to more than the call)."""
-    import glob
-    import gzip
-    import json
-
-    with jax.profiler.trace(out):
-        for _ in range(calls):
-            run()
-    trace = sorted(glob.glob(f"{out}/**/*.trace.json.gz", recursive=True))[-1]
-    ms = collections.Counter()
-    for e in json.load(gzip.open(trace))["traceEvents"]:
-        if e.get("ph") == "X":
-            ms[e["name"]] += e.get("dur", 0) / 1e3 / calls
+    ms = rs.profile_thunks(run, out, calls)
     by_shape = collections.defaultdict(lambda: [0.0, 0.0, 0])
     for name, (flops, lhs, rhs) in dots.items():
         row = by_shape[(lhs, rhs)]
@@ -159,13 +148,7 @@ def dot_shapes(tokens: int, repeats: int = 20) -> None:
     import torch
 
     def median_time(f):
-        f()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return statistics.median(rs.time_it(f, repeats))
 
     rng = np.random.default_rng(0)
     total = {"jax": 0.0, "torch": 0.0}

@@ -87,21 +87,13 @@ def profile(out: str, run_jax, run_torch, calls: int = 2, top: int = 14) -> None
     """Where each side's time goes, per call, by operation kind: XLA's thunks (jax.profiler trace of
     ``calls`` calls) and PyTorch's operators (torch.profiler, self CPU time)."""
     import collections
-    import glob
-    import gzip
-    import json
 
     import torch
 
-    with jax.profiler.trace(out):
-        for _ in range(calls):
-            run_jax()
-    trace = sorted(glob.glob(f"{out}/**/*.trace.json.gz", recursive=True))[-1]
     by = collections.Counter()
-    for e in json.load(gzip.open(trace))["traceEvents"]:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not name.startswith("$") and "PjRt" not in name and "Pjit" not in name:
-            by[_kind(name)] += e.get("dur", 0) / 1e3 / calls
+    for name, ms in rs.profile_thunks(run_jax, out, calls).items():
+        if not name.startswith("$") and "PjRt" not in name and "Pjit" not in name:
+            by[_kind(name)] += ms
     print(f"jax: ms per call by XLA thunk kind (top {top}; thunks may nest or run on two threads)")
     for k, ms in by.most_common(top):
         print(f"  {ms:9.1f}  {k}")

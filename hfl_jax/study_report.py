@@ -91,6 +91,12 @@ def _last_k(study: Study) -> int:
     return study.tune.last if study.tune else 3
 
 
+def _paired_diffs(pairs: Sequence[tuple[dict, dict]], value) -> list[float]:
+    """``value(a) - value(b)`` for each pair (method run, reference run) where both have a value."""
+    values = [(value(a), value(b)) for a, b in pairs]
+    return [x - y for x, y in values if x is not None and y is not None]
+
+
 def _traffic(run: dict) -> dict:
     tiers = run_report.tier_totals(run["records"])
     total = sum(r.get("bytes_up", 0.0) + r.get("bytes_down", 0.0) for r in run["records"])
@@ -206,10 +212,8 @@ def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: 
         pairs = [(runs[(setting, m)][s], base[s]) for s in sorted(runs[(setting, m)]) if s in base]
         if not pairs:
             continue
-        diffs = [_final_accuracy(a) - _final_accuracy(b) for a, b in pairs
-                 if _final_accuracy(a) is not None and _final_accuracy(b) is not None]
-        last = [_last_mean(a, k) - _last_mean(b, k) for a, b in pairs
-                if _last_mean(a, k) is not None and _last_mean(b, k) is not None]
+        diffs = _paired_diffs(pairs, _final_accuracy)
+        last = _paired_diffs(pairs, lambda r: _last_mean(r, k))
         row = [m, _cell(diffs, 4) + f" (n={len(diffs)})", _cell(last, 4)]
         for t in study.targets:
             ratios = [time_to(a, t) / time_to(b, t) for a, b in pairs
