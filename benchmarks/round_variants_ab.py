@@ -184,7 +184,10 @@ def main(argv=None) -> int:
                     "trace in DIR): time and GFLOP/s by dot shape, the largest other thunks")
     args = ap.parse_args(argv)
     if args.dots_only:
+        peak0 = rs.measure_peak(1024, 3)
         dot_shapes(args.M * args.B * args.T)
+        print(f"matmul peak {peak0 / 1e9:.0f} / {rs.measure_peak(1024, 3) / 1e9:.0f} GFLOP/s before/after; "
+              f"load {os.getloadavg()[0]:.2f}")
         return 0
     variants = args.variants.split(",")
 
