@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from hfl_jax import report as run_report
-from hfl_jax.sweep import Run, Study, choose, final_runs, tuning_runs
+from hfl_jax.sweep import Run, Study, choose, final_runs, last_mean, tuning_runs
 
 MB = 1e6
 
@@ -83,8 +83,7 @@ def _final_accuracy(run: dict) -> float | None:
 
 def _last_mean(run: dict, k: int) -> float | None:
     """Mean accuracy of the run's last ``k`` evaluations (the tuning's score, on the reported split)."""
-    ev = run_report.evaluations(run)
-    return float(np.mean(ev[-k:, 2])) if len(ev) else None
+    return last_mean(run["records"], k)
 
 
 def _last_k(study: Study) -> int:
@@ -165,8 +164,8 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
         return lines + ["No finished final run yet.", ""]
     all_runs = [r for m, _ in methods for r in runs[(setting, m)].values()]
     t_eq = min(float(r["records"][-1]["sim_time"]) for r in all_runs)
-    k = _last_k(study)
-    head = ["method", "seeds", "value", "final acc", f"last-{k} mean acc"] + \
+    last_k = _last_k(study)
+    head = ["method", "seeds", "value", "final acc", f"last-{last_k} mean acc"] + \
         [f"time to {t:.2f} (s)" for t in study.targets] + \
         [f"acc at {t_eq:.3g} s", "device-edge (MB)", "cloud (MB)", "total (MB)"]
     rows = []
@@ -178,7 +177,7 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
         traffic = [_traffic(r) for r in rs]
         seeds = ", ".join(map(str, sorted(by_seed))) + (f" ({len(rs)}/{expected})" if len(rs) < expected else "")
         rows.append([m, seeds, "base" if value is None else f"{value:g}", _cell([_final_accuracy(r) for r in rs], 4),
-                     _cell([_last_mean(r, k) for r in rs], 4)]
+                     _cell([_last_mean(r, last_k) for r in rs], 4)]
                     + [_cell([time_to(r, t) for r in rs], 1, of=len(rs)) for t in study.targets]
                     + [_cell([accuracy_at(r, t_eq) for r in rs], 4)]
                     + [_cell([x[k] for x in traffic], 1, scale=1 / MB) for k in ("edge", "cloud", "total")])
@@ -201,8 +200,8 @@ def setting_section(study: Study, setting: str, runs: dict, scores: dict, chosen
 
 def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: str) -> list[str]:
     base = runs[(setting, ref)]
-    k = _last_k(study)
-    head = ["method", f"Δ final acc vs {ref}", f"Δ last-{k} mean acc"] + \
+    last_k = _last_k(study)
+    head = ["method", f"Δ final acc vs {ref}", f"Δ last-{last_k} mean acc"] + \
         [f"time to {t:.2f}: method / {ref}" for t in study.targets] + \
         [f"traffic: method / {ref}"]
     rows = []
@@ -213,7 +212,7 @@ def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: 
         if not pairs:
             continue
         diffs = _paired_diffs(pairs, _final_accuracy)
-        last = _paired_diffs(pairs, lambda r: _last_mean(r, k))
+        last = _paired_diffs(pairs, lambda r: _last_mean(r, last_k))
         row = [m, _cell(diffs, 4) + f" (n={len(diffs)})", _cell(last, 4)]
         for t in study.targets:
             ratios = [time_to(a, t) / time_to(b, t) for a, b in pairs

@@ -278,12 +278,20 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+def last_mean(records: list[dict], last: int) -> float | None:
+    """Mean evaluation accuracy of the last ``last`` evaluated rounds of ``records`` (a run's
+    ``metrics.jsonl`` lines); None if no round was evaluated. The tuning's score, and the study
+    report's last-k column on the reported split."""
+    accs = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
+    return float(np.mean(accs[-last:])) if accs else None
+
+
 def tuning_score(out: Path, last: int) -> float:
     """Mean evaluation (validation) accuracy of a tuning run's last ``last`` evaluations."""
-    accs = [r["eval_accuracy"] for r in _records(out) if "eval_accuracy" in r]
-    if not accs:
+    score = last_mean(_records(out), last)
+    if score is None:
         raise ValueError(f"{out}: no evaluation recorded; a tuning run must evaluate (train.eval_every)")
-    return float(np.mean(accs[-last:]))
+    return score
 
 
 def choose(study: Study, *, finished_only: bool = False) -> tuple[dict, dict]:
