@@ -37,7 +37,10 @@ from hfl_jax.fed.local import base_of
 from hfl_jax.fed.profiles import draw_profiles, load_profiles, profiles_to_arrays
 from hfl_jax.files import write_atomic
 from hfl_jax.report import record_totals
+from hfl_jax.data.splits import training_rows  # noqa: F401  (re-exported)
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
+from hfl_jax.objectives.base import Prepared, objective_for
+from hfl_jax.objectives.classification import load_text, tokenize_text  # noqa: F401  (re-exported)
 
 log = logging.getLogger("hfl_jax")
 
@@ -68,13 +71,23 @@ def auto_unroll(ecfg: EncoderConfig, backend: str) -> bool:
     return backend != "cpu" or ecfg.hidden_size >= UNROLL_MIN_HIDDEN_CPU
 
 
-def build_model(cfg: ExperimentConfig, num_labels: int):
-    """(model, params) from ``cfg.model``: a checkpoint by name/path, or ``"tiny"`` (random BERT).
+def build_model(cfg: ExperimentConfig, num_labels: int = 2, vocab_size: int | None = None):
+    """(model, params) from ``cfg.model``: a checkpoint by name/path, ``"tiny"`` (random BERT) or
+    ``"tiny-decoder"`` (a random Llama-architecture decoder of ``model.tiny.*`` with ``vocab_size``
+    tokens: the run's tokenizer's).
 
     The layer loop is unrolled as ``model.unroll`` says (``auto``: :func:`auto_unroll`).
     """
     dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
-    if cfg.model.name == "tiny":
+    if cfg.model.name == "tiny-decoder":
+        from hfl_jax.models.decoder import DecoderModel, tiny_decoder_config
+        t = cfg.model.tiny
+        model = DecoderModel(tiny_decoder_config(
+            vocab_size=int(vocab_size or t.vocab_size), hidden_size=t.hidden_size, num_layers=t.num_layers,
+            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or t.num_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=max(512, cfg.data.max_length)), compute_dtype=dtype)
+        params = _compiled_init(model)(jax.random.PRNGKey(cfg.seed))
+    elif cfg.model.name == "tiny":
         t = cfg.model.tiny
         ecfg = EncoderConfig(model_type="bert", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                              num_layers=t.num_layers, num_heads=t.num_heads, intermediate_size=t.intermediate_size,
@@ -97,70 +110,24 @@ def build_model(cfg: ExperimentConfig, num_labels: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_init(model: EncoderModel):
+def _compiled_init(model):
     """``model.init`` as one compiled program, once per model in a process (op by op it compiled
     dozens of small programs: seconds on CPU); the same bits (``layers.dense_init``)."""
     return jax.jit(model.init)
 
 
-def _model_and_adapters(cfg: ExperimentConfig, num_labels: int) -> tuple:
+def _model_and_adapters(cfg: ExperimentConfig, num_labels: int = 2, vocab_size: int | None = None) -> tuple:
     """``(model, params, lora)``: :func:`build_model` and the initial adapters (seeded by ``cfg.seed``)."""
-    model, params = build_model(cfg, num_labels)
+    model, params = build_model(cfg, num_labels, vocab_size)
     lora = init_lora(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), SALT_LORA_INIT), model.cfg,
                      LoRAConfig(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)))
     return model, params, lora
 
 
-def training_rows(cfg: ExperimentConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train rows, validation rows)`` of a training split of ``n`` examples: the validation set
-    (``data.validation_size``, drawn with ``data.validation_seed`` only, so every run seed and
-    method shares it) comes out first; the seeded ``data.train_subset`` is drawn from the rest."""
-    d = cfg.data
-    if d.validation_size >= n:
-        raise ValueError(f"data.validation_size={d.validation_size} leaves nothing to train on "
-                         f"(the training split has {n} examples)")
-    valid = np.sort(np.random.default_rng([d.validation_seed, SALT_VALIDATION]).choice(
-        n, d.validation_size, replace=False)) if d.validation_size else np.zeros(0, np.int64)
-    pool = np.setdiff1d(np.arange(n), valid)
-    subset = d.train_subset
-    if subset is not None and subset < len(pool):
-        pool = pool[np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 0]).choice(len(pool), subset, replace=False))]
-    return pool, valid
-
-
-def load_text(cfg: ExperimentConfig):
-    """``(train, evaluation)`` :class:`~hfl_jax.data.TextDataset` of the rows a run uses, untokenized:
-    the seeded training subset, and the task's evaluation split or, with ``data.evaluate:
-    validation``, the validation set carved from the training split (:func:`training_rows`)."""
-    from hfl_jax.data import load_task
-
-    d = cfg.data
-    ds = load_task(d.task, "train", data_dir=d.data_dir, custom=d.custom)
-    rows, valid_rows = training_rows(cfg, len(ds))
-    train = ds if len(rows) == len(ds) else ds.take(rows)
-    if d.evaluate == "validation":
-        evals_ds = ds.take(valid_rows)
-    else:
-        evals_ds = load_task(d.task, "validation", data_dir=d.data_dir, custom=d.custom)
-    if d.eval_subset is not None and d.eval_subset < len(evals_ds):
-        evals_ds = evals_ds.take(np.sort(np.random.default_rng([cfg.seed, SALT_SUBSET, 1]).choice(
-            len(evals_ds), d.eval_subset, replace=False)))
-    return train, evals_ds
-
-
-def tokenize_text(cfg: ExperimentConfig, *datasets) -> list[dict]:
-    """Each dataset tokenized (and cached) with the run's tokenizer and ``data.max_length``."""
-    from hfl_jax.data import tokenize_dataset
-
-    d = cfg.data
-    tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
-    return [tokenize_dataset(ds, tokenizer, d.max_length) for ds in datasets]
-
-
 def load_data(cfg: ExperimentConfig):
-    """Tokenized train and evaluation arrays (:func:`load_text`, then :func:`tokenize_text`) and the
-    label names. Rows are chosen before tokenization, so only the rows a run uses are tokenized
-    (and cached)."""
+    """Tokenized train and evaluation arrays and the label names of a classification run
+    (:func:`hfl_jax.objectives.classification.load_text`, then ``tokenize_text``). Rows are chosen
+    before tokenization, so only the rows a run uses are tokenized (and cached)."""
     train, evals = load_text(cfg)
     return (*tokenize_text(cfg, train, evals), train.label_names)
 
@@ -272,8 +239,19 @@ class Experiment:
     parts: list
     label_counts: np.ndarray
     label_names: tuple
-    train_labels: np.ndarray
+    train_labels: np.ndarray      # [N] what partitions and groups see (classes, or categories)
     initial: AlgoState
+    objective: Any = None         # the objective module (hfl_jax.objectives)
+    prepared: Prepared | None = None
+
+
+def evaluate_global(exp: Experiment, trainable) -> dict:
+    """The global model's evaluation record: ``eval_loss``, ``eval_accuracy`` (the objective's main
+    metric) and whatever else the objective reports (causal LM: perplexity, generation metrics)."""
+    loss, acc = make_evaluate(exp.env.model)(trainable, exp.env.base, exp.eval_data)
+    out = {"eval_loss": float(loss), "eval_accuracy": float(acc)}
+    out.update(exp.objective.extra_metrics(exp.cfg, exp.prepared, exp.env.model, trainable, exp.env.base, out))
+    return out
 
 
 def workload(cfg: ExperimentConfig) -> Workload:
@@ -287,21 +265,20 @@ def workload(cfg: ExperimentConfig) -> Workload:
 
 def build(cfg: ExperimentConfig) -> Experiment:
     """Everything deterministic from the config: model, data, partition, profiles, groups, state 0."""
-    from hfl_jax.data import eval_batches, make_device_data
+    from hfl_jax.data import make_device_data
     from hfl_jax.fed.xla import use_unrolled_threefry
 
     use_unrolled_threefry()   # random programs compile faster on CPU, same bits (hfl_jax.fed.xla)
-    train_text, valid_text = load_text(cfg)
-    label_names = train_text.label_names
+    objective = objective_for(cfg.model.name)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # the model's initialization (mostly XLA compilations, outside the GIL) runs while the
         # tokenizer loads and tokenizes (Python): seconds of start-up on a cold cache
-        model_future = pool.submit(_model_and_adapters, cfg, len(label_names))
-        train, valid = tokenize_text(cfg, train_text, valid_text)
-        model, params, lora = model_future.result()
-    parts = partition_devices(cfg, train["labels"])
+        prepared = objective.prepare(cfg, lambda **kw: pool.submit(_model_and_adapters, cfg, **kw))
+    model, params, lora = prepared.model
+    train, label_names = prepared.train, prepared.class_names
+    parts = partition_devices(cfg, prepared.classes)
     num_classes = len(label_names)
-    label_counts = np.stack([np.bincount(train["labels"][p], minlength=num_classes) for p in parts])
+    label_counts = np.stack([np.bincount(prepared.classes[p], minlength=num_classes) for p in parts])
     profiles = device_profiles(cfg)
     algorithm = algos.build(cfg, model.num_layers)
     for d in algorithm.depths:
@@ -331,7 +308,8 @@ def build(cfg: ExperimentConfig) -> Experiment:
     if cached:
         from hfl_jax.fed.frozen_cache import check_untouched
         check_untouched(lora, cached)
-    env = Env(model=model, base=axis.replicate(base), initial=axis.replicate({"lora": lora, "head": params["head"]}),
+    env = Env(model=model, base=axis.replicate(base), initial=axis.replicate(
+                  {"lora": lora, "head": params["head"]} if "head" in params else {"lora": lora}),
               assignment=assignment, group_slots=slots,
               group_data=tuple(axis.put(_group_data(data, s, prepare)) for s in slots),
               counts=np.asarray(data.counts), profiles=profiles, axis=axis, optimizer=make_optimizer(cfg),
@@ -347,14 +325,9 @@ def build(cfg: ExperimentConfig) -> Experiment:
         from hfl_jax.algos.stages import run_pack_rows
         env = dataclasses.replace(env, pack_rows=run_pack_rows(env, cfg.train.rounds, algorithm.intra_rounds))
     initial = algorithm.init(env, key)
-    if env.pack_row_len:
-        from hfl_jax.data.packing import pack_eval, position_offset
-        nb = -(-len(valid["labels"]) // cfg.train.eval_batch_size)
-        eval_data = axis.replicate(pack_eval(valid, row_len=env.pack_row_len, num_batches=nb,
-                                             position_offset=position_offset(model.cfg)))
-    else:
-        eval_data = axis.replicate(prepare(eval_batches(valid, cfg.train.eval_batch_size)))
-    return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, train["labels"], initial)
+    eval_data = axis.replicate(objective.eval_data(cfg, prepared, model, prepare, env.pack_row_len))
+    return Experiment(cfg, algorithm, env, eval_data, parts, label_counts, label_names, prepared.classes, initial,
+                      objective, prepared)
 
 
 # --- state <-> checkpoint ----------------------------------------------------------------------------
@@ -508,7 +481,6 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
     cfg, env = exp.cfg, exp.env
     t = cfg.train
     main = is_main_process()
-    evaluate = make_evaluate(env.model)
     mgr = ckpt.manager(out_dir / "checkpoints", cfg.checkpoint.keep)
     metrics_path = out_dir / "metrics.jsonl"
     if main:
@@ -526,8 +498,7 @@ def train_loop(exp: Experiment, out_dir: Path, state: AlgoState, history: list,
         ran = {g["depth"] for g in record["groups"] if not g.get("skipped")}
         compiled |= {int(d) for d in exp.algorithm.depths} if (ran and env.shared_depth) else ran
         if state.round % t.eval_every == 0 or stop_reason(history, state, t) is not None:
-            loss, acc = evaluate(state.trainable, env.base, exp.eval_data)
-            record["eval_loss"], record["eval_accuracy"] = float(loss), float(acc)
+            record.update(evaluate_global(exp, state.trainable))
         record["wall_time"] = time.perf_counter() - start
         history.append(record)
         if main:

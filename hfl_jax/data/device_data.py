@@ -29,7 +29,8 @@ class DeviceData:
       input_ids: int32 [N_dev, n_max, T].
       attention_mask: int32 [N_dev, n_max, T].
       token_type_ids: int32 [N_dev, n_max, T].
-      labels: int32 [N_dev, n_max]; 0 on padding rows.
+      labels: int32 [N_dev, n_max] classes, 0 on padding rows; or (causal LM) [N_dev, n_max, T]
+        next-token targets, -100 off the response and on padding rows.
       valid: bool [N_dev, n_max]; True exactly for rows [0, counts[d]) of device d.
       counts: int32 [N_dev], examples per device.
       hidden: optional float32 [N_dev, n_max, T, H], the encoder's hidden states after its
@@ -87,13 +88,14 @@ def make_device_data(tokenized: Mapping[str, np.ndarray], parts: Sequence[np.nda
         n_max = int(pad_to)
     n_dev, t = len(parts), tokenized["input_ids"].shape[1]
     out = {k: np.zeros((n_dev, n_max, t), np.int32) for k in _TOKEN_KEYS}
-    labels = np.zeros((n_dev, n_max), np.int32)
+    tok_labels = np.asarray(tokenized["labels"])   # [N] classes, or [N, T] next-token targets (-100: none)
+    labels = np.full((n_dev, n_max, *tok_labels.shape[1:]), 0 if tok_labels.ndim == 1 else -100, np.int32)
     valid = np.zeros((n_dev, n_max), bool)
     for d, p in enumerate(parts):
         p = np.asarray(p, dtype=np.int64)
         for k in _TOKEN_KEYS:
             out[k][d, : p.size] = tokenized[k][p]
-        labels[d, : p.size] = tokenized["labels"][p]
+        labels[d, : p.size] = tok_labels[p]
         valid[d, : p.size] = True
     return DeviceData(labels=labels, valid=valid, counts=counts, **out)
 
@@ -251,9 +253,9 @@ def trim_padding(data, buckets: Sequence[int] | int = 8):
     """``data`` (:class:`DeviceData` or :class:`EvalBatches`, host arrays) with the token axis cut to
     :func:`bucket_length` of its attention mask.
 
-    Exact for every supported encoder: only trailing positions where *every* row is padding
+    Exact for every supported model: only trailing positions where *every* row is padding
     are dropped; those are masked out as keys, their own outputs are never read (heads pool
-    token 0), absolute positions count from the start and DeBERTa's relative positions
+    token 0; a decoder's labels there are -100 and are cut alike), absolute positions count from the start and DeBERTa's relative positions
     depend on ``i - j`` only. Cached ``hidden`` states are cut alike.
     """
     t = np.asarray(data.attention_mask).shape[-1]
@@ -261,6 +263,8 @@ def trim_padding(data, buckets: Sequence[int] | int = 8):
     if length == t:
         return data
     cut = {k: np.asarray(getattr(data, k))[..., :length] for k in _TOKEN_KEYS}
+    if np.ndim(data.labels) == np.ndim(data.attention_mask):   # per-token labels (causal LM)
+        cut["labels"] = np.asarray(data.labels)[..., :length]
     if data.hidden is not None:
         cut["hidden"] = np.asarray(data.hidden)[..., :length, :]
     return data.replace(**cut)

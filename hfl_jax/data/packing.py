@@ -92,7 +92,9 @@ def plan_packing(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndar
 def pack_batch(batch: Mapping[str, Array], row: Array, offset: Array, spec: PackSpec) -> dict[str, Array]:
     """One padded batch (``input_ids``/``attention_mask``/``token_type_ids`` ``[B, T]``, ``labels``,
     ``mask`` ``[B]``) laid out in ``spec.rows`` rows of ``spec.row_len`` by the plan ``row``/``offset``
-    ``[B]`` (jittable; sequences must be right-padded). Returns the packed layout of the module doc."""
+    ``[B]`` (jittable; sequences must be right-padded). Returns the packed layout of the module doc;
+    per-token ``labels`` ``[B, T]`` (causal LM) come back scattered ``[R, L]``, ``-100`` off the
+    real tokens of masked-in sequences."""
     R, L = spec.rows, spec.row_len
     B, T = batch["input_ids"].shape
     lengths = (batch["attention_mask"] > 0).sum(-1) * batch["mask"]
@@ -104,10 +106,14 @@ def pack_batch(batch: Mapping[str, Array], row: Array, offset: Array, spec: Pack
         return jnp.zeros(R * L, jnp.int32).at[dest].set(values.reshape(-1).astype(jnp.int32),
                                                          mode="drop").reshape(R, L)
     slot = jnp.arange(1, B + 1, dtype=jnp.int32)
+    labels = batch["labels"]
+    if labels.ndim == 2:   # per-token labels (causal LM): scattered like the tokens, -100 elsewhere
+        labels = jnp.full(R * L, -100, jnp.int32).at[dest].set(labels.reshape(-1).astype(jnp.int32),
+                                                                mode="drop").reshape(R, L)
     return {"input_ids": scatter(batch["input_ids"]), "token_type_ids": scatter(batch["token_type_ids"]),
             "position_ids": scatter(jnp.broadcast_to(pos + spec.position_offset, (B, T))),
             "segment_ids": scatter(jnp.broadcast_to(slot[:, None], (B, T))),
-            "slots": start, "labels": batch["labels"], "mask": batch["mask"]}
+            "slots": start, "labels": labels, "mask": batch["mask"]}
 
 
 @functools.partial(jax.jit, static_argnames=("n_max", "num_steps", "batch_size"))

@@ -25,6 +25,8 @@ def all_finite(tree: Any) -> Array:
     """``[M]`` bool: True where every leaf of device ``m``'s slice is finite."""
     # reduce over the trailing axes directly: a reshape first makes XLA:CPU emit a slow reduce-window
     flags = [jnp.isfinite(x).all(axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(tree)]
+    if not flags:
+        raise ValueError("all_finite: the tree has no arrays")
     return jnp.stack(flags).all(axis=0)
 
 
@@ -74,7 +76,7 @@ def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weigh
 
     Args:
       group_lora: LoRA with leaves ``[K, L, ...]`` (one per group).
-      group_heads: head tree with leaves ``[K, ...]``.
+      group_heads: head tree with leaves ``[K, ...]``, or ``None`` (no trainable head: returned as ``None``).
       depths: ``[K]`` int, each group's fine-tuning depth this round.
       weights: ``[K]`` sample counts of the groups (0 for a group that skipped the round).
       prev_lora: the previous global LoRA (leaves ``[L, ...]``).
@@ -91,6 +93,8 @@ def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weigh
         return jnp.where(keep, avg, prev)
 
     lora = jax.tree.map(per_layer, group_lora, prev_lora)
+    if group_heads is None:   # a model without a trainable head (decoder LLMs: LoRA only)
+        return lora, None
     head, _ = weighted_mean(group_heads, jnp.asarray(weights, jnp.float32), fallback=prev_head)
     return lora, head
 

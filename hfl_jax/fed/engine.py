@@ -21,7 +21,7 @@ from hfl_jax.fed.device_axis import DeviceAxis
 from hfl_jax.fed.group_aggregators import FedAvg
 from hfl_jax.fed.local import make_loss_fn, make_local_train
 from hfl_jax.fed.xla import jit
-from hfl_jax.models.encoder import EncoderModel
+from hfl_jax.objectives import objective_of
 
 Array = jax.Array
 
@@ -34,7 +34,7 @@ class GroupRoundMetrics(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *, depth: int | None, local_steps: int,
+def make_group_round(model, inner: optax.GradientTransformation, *, depth: int | None, local_steps: int,
                      batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
                      aggregator: Any = FedAvg(), per_device: bool = False, pack: Any = None):
     """Compiled ``group_round(trainable, base, data, device_ids, weights, round_key, ranks=None)``
@@ -93,38 +93,17 @@ def make_group_round(model: EncoderModel, inner: optax.GradientTransformation, *
 
 
 @functools.lru_cache(maxsize=8)
-def make_evaluate(model: EncoderModel):
-    """Compiled ``evaluate(params_base, trainable, batches) -> (mean_loss, accuracy)`` over an
-    :class:`~hfl_jax.data.EvalBatches` (``lax.map`` over batches; padding rows ignored;
-    starts from the batches' cached hidden states when they carry them) or a
-    :class:`~hfl_jax.data.packing.PackedEval` (the same sums over packed rows)."""
-    from hfl_jax.data.packing import PackedEval
-
-    @jit
-    def evaluate(trainable, base, batches):
-        start = batches.hidden_layer
-        loss_fn = make_loss_fn(model, model.num_layers - start, start)
-        packed = isinstance(batches, PackedEval)
-        tokens = (("input_ids", "token_type_ids", "position_ids", "segment_ids", "slots") if packed
-                  else ("input_ids", "attention_mask", "token_type_ids"))
-
-        def one(batch):
-            b = {k: batch[k] for k in (*tokens, "labels")}
-            if start:
-                b["hidden"] = batch["hidden"]
-            _, m = loss_fn(trainable, base, dict(b, mask=batch["valid"]))
-            return m.loss * m.count, m.correct, m.count
-        keys = (*tokens, "labels", "valid") + (("hidden",) if start else ())
-        arrays = {k: getattr(batches, k) for k in keys}
-        loss_sum, correct, count = jax.lax.map(one, arrays)
-        n = jnp.maximum(count.sum(), 1.0)
-        return loss_sum.sum() / n, correct.sum() / n
-
-    return evaluate
+def make_evaluate(model):
+    """Compiled ``evaluate(trainable, base, eval_data) -> (mean_loss, main_metric)``: the model's
+    objective's evaluation (:func:`hfl_jax.objectives.objective_of`). Classification: mean
+    cross-entropy and accuracy over an :class:`~hfl_jax.data.EvalBatches` or a packed
+    :class:`~hfl_jax.data.packing.PackedEval`; causal LM: mean next-token loss on response tokens
+    and the in-graph main metric (:mod:`hfl_jax.objectives.causal_lm`)."""
+    return jit(objective_of(model).evaluate_fn(model))
 
 
 @functools.lru_cache(maxsize=16)
-def make_probe(model: EncoderModel, batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
+def make_probe(model, batch_size: int, n_max: int, axis: DeviceAxis = DeviceAxis(),
                drawn: bool = False):
     """Compiled ``probe(trainable, base, data, device_ids, probe_key) -> (loss [M], count [M])``:
     each device's loss of ``trainable`` on one batch drawn with ``probe_key`` (no training).

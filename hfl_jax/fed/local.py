@@ -1,7 +1,8 @@
 """Local training on one simulated device: the loss, one optimizer step, E steps under ``lax.scan``.
 
-The trainable state of a device is ``{"lora": LoRA, "head": head_params}``;
-the frozen base parameters (everything but ``"head"``) are a separate argument
+The trainable state of a device is ``{"lora": LoRA, "head": head_params}`` (an encoder's), or
+``{"lora": LoRA}`` (a decoder LLM's: no head); the frozen base parameters (everything but ``"head"``)
+are a separate argument
 that is broadcast, never copied per device. Fine-tuning depth cuts the backward
 pass (``stop_gradient`` below the top ``depth`` layers) and masks the optimizer's
 updates (:func:`hfl_jax.models.lora.depth_masked`). It is static (one program per
@@ -16,17 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hfl_jax.models.encoder import EncoderModel
 from hfl_jax.models.lora import LoRA, depth_masked
+from hfl_jax.objectives import StepMetrics, objective_of  # noqa: F401  (StepMetrics: re-exported)
 
 Array = jax.Array
-Batch = Mapping[str, Array]  # input_ids/attention_mask/token_type_ids [B, T], labels [B], mask [B] bool
-
-
-class StepMetrics(NamedTuple):
-    loss: Array      # [] mean cross-entropy over the real (masked-in) examples
-    correct: Array   # [] number of correct predictions
-    count: Array     # [] number of real examples
+Batch = Mapping[str, Array]  # input_ids/attention_mask/token_type_ids [B, T], labels [B] or [B, T], mask [B] bool
 
 
 def base_of(params: Mapping[str, Any]) -> dict:
@@ -34,35 +29,11 @@ def base_of(params: Mapping[str, Any]) -> dict:
     return {k: v for k, v in params.items() if k != "head"}
 
 
-def make_loss_fn(model: EncoderModel, depth: int, start_layer: int = 0) -> Callable:
-    """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at ``depth`` (static, or a traced int32).
-
-    Examples with ``batch["mask"] == False`` (padding) contribute nothing; a batch
-    with no real example has loss 0 and zero gradient. With ``start_layer > 0`` the
-    batch carries ``"hidden"`` ``[B, T, H]``, the cached output of the bottom
-    ``start_layer`` layers, and the forward pass starts there
-    (:meth:`~hfl_jax.models.encoder.EncoderModel.hidden_states`). A batch with ``"segment_ids"``
-    is packed (:func:`hfl_jax.data.packing.pack_batch`; labels and mask per slot).
-    """
-
-    def loss_fn(trainable, base, batch):
-        params = {**base, "head": trainable["head"]}
-        if "segment_ids" in batch:   # packed rows (hfl_jax.data.packing): one logit row per slot
-            logits = model.apply(params, batch["input_ids"], None, batch["token_type_ids"], lora=trainable["lora"],
-                                 depth=depth, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                                 slots=batch["slots"])
-        else:
-            hidden0 = batch["hidden"] if start_layer else None
-            logits = model.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                                 lora=trainable["lora"], depth=depth, start_layer=start_layer, hidden0=hidden0)
-        w = batch["mask"].astype(logits.dtype)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        n = w.sum()
-        loss = (ce * w).sum() / jnp.maximum(n, 1.0)
-        correct = ((jnp.argmax(logits, -1) == batch["labels"]) * w).sum()
-        return loss, StepMetrics(loss, correct, n)
-
-    return loss_fn
+def make_loss_fn(model, depth: int, start_layer: int = 0) -> Callable:
+    """``loss(trainable, base, batch) -> (mean_loss, StepMetrics)`` at ``depth`` (static, or a traced int32):
+    the model's objective's loss (:func:`hfl_jax.objectives.objective_of`: classification for encoders,
+    next-token cross-entropy on response tokens for decoder LLMs)."""
+    return objective_of(model).loss_fn(model, depth, start_layer)
 
 
 def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: int) -> optax.GradientTransformation:
@@ -70,7 +41,7 @@ def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: 
     return depth_masked(inner, num_layers, depth)
 
 
-def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation, depth: int,
+def make_train_step(model, optimizer: optax.GradientTransformation, depth: int,
                     start_layer: int = 0) -> Callable:
     """``step(trainable, opt_state, base, batch) -> (trainable, opt_state, StepMetrics)``.
 
@@ -87,7 +58,7 @@ def make_train_step(model: EncoderModel, optimizer: optax.GradientTransformation
     return step
 
 
-def make_local_train(model: EncoderModel, inner: optax.GradientTransformation, depth: int | None,
+def make_local_train(model, inner: optax.GradientTransformation, depth: int | None,
                      num_steps: int, batch_size: int, n_max: int, pack: Any = None) -> Callable:
     """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
 

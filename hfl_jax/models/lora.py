@@ -47,9 +47,8 @@ class LoRAConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        unknown = set(self.targets) - set(TARGETS)
-        if unknown or not self.targets:
-            raise ValueError(f"lora.targets must be a non-empty subset of {TARGETS}, got {self.targets}")
+        if not self.targets:
+            raise ValueError("lora.targets must name at least one projection")
 
     @property
     def scale(self) -> float:
@@ -71,13 +70,17 @@ class LoRA:
         return next(iter(self.weights.values()))["A"].shape[-1]
 
 
-def target_dims(cfg: EncoderConfig, target: str) -> tuple[int, int]:
-    """(in, out) features of a target projection."""
+def target_dims(cfg, target: str) -> tuple[int, int]:
+    """(in, out) features of a target projection. A model config that owns its targets (a decoder's
+    ``q_proj`` ... ``down_proj``) answers through its ``lora_target_dims(target)``; the encoders'
+    targets are read off ``hidden_size``/``intermediate_size``."""
+    if hasattr(cfg, "lora_target_dims"):
+        return tuple(cfg.lora_target_dims(target))
     H, I = cfg.hidden_size, cfg.intermediate_size
     return {"intermediate": (H, I), "output": (I, H)}.get(target, (H, H))
 
 
-def init_lora(rng: Array, cfg: EncoderConfig, lora_cfg: LoRAConfig, dtype=jnp.float32) -> LoRA:
+def init_lora(rng: Array, cfg, lora_cfg: LoRAConfig, dtype=jnp.float32) -> LoRA:
     """Fresh adapters: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (PEFT's kaiming-uniform(a=sqrt 5)), ``B = 0``."""
     weights = {}
     for i, t in enumerate(lora_cfg.targets):
@@ -95,11 +98,15 @@ def _get(tree: Mapping, path: Sequence[str]):
     return tree
 
 
-def merge_lora(params: dict, lora: LoRA) -> dict:
-    """Plain weights whose outputs equal the adapted model: ``W + scale * A B`` per layer."""
+def merge_lora(params: dict, lora: LoRA, paths: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Plain weights whose outputs equal the adapted model: ``W + scale * A B`` per layer.
+
+    ``paths``: target -> path of its kernel's parent inside one layer's parameters (default the
+    encoders' :data:`TARGET_PATHS`; a decoder passes its own)."""
+    paths = TARGET_PATHS if paths is None else paths
     layers = jax.tree.map(lambda x: x, params["layers"])  # new containers, shared leaves
     for t, ab in lora.weights.items():
-        node = _get(layers, TARGET_PATHS[t])
+        node = _get(layers, paths[t])
         node["kernel"] = node["kernel"] + lora.scale * jnp.einsum("lir,lro->lio", ab["A"], ab["B"])
     return {**params, "layers": layers}
 
