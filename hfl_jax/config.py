@@ -18,9 +18,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """An invalid experiment configuration; the message names the key."""
+from hfl_jax.errors import ConfigError   # re-exported: hfl_jax.config.ConfigError is the one class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +161,9 @@ class BanditConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HetLoRAConfig:
-    ranks: tuple[int, ...] = (2, 4, 8)  # ranks by device capability tercile (slow -> fast)
+    # ranks by device capability tier (slow -> fast), each <= lora.rank; null: derived from lora.rank,
+    # (r//4, r//2, r) deduplicated (hfl_jax.algos.hetlora.default_ranks; (2, 4, 8) for rank 8)
+    ranks: Optional[tuple[int, ...]] = None
     prune_factor: float = 0.5           # rank self-pruning: r <- max(min_rank, floor(r * factor))
     prune_threshold: float = 0.05       # ... when ||pruned part|| / ||kept part|| is below this
     min_rank: int = 1
@@ -176,7 +176,7 @@ class HetLoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FlexLoRAConfig:
-    ranks: tuple[int, ...] = (2, 4, 8)  # ranks by device capability tier (slow -> fast), each <= lora.rank
+    ranks: Optional[tuple[int, ...]] = None   # as algorithm.hetlora.ranks (null: derived from lora.rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +203,13 @@ ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora"}
 # algorithm.hetlora.padding: HetLoRA averaged each rank component over its holders until 2026-11-29;
 # algorithm.hetlora.sparsity: its weights were the round's update norms before the field existed (c2177d2);
 # algorithm.bandit.reward: R-UCB's reward was the EMA-referenced one before the field existed (f1c53bd).
+# algorithm.{hetlora,flexlora}.ranks: [2, 4, 8] whatever lora.rank until they became null (derived
+# from lora.rank); run directories store the resolved list, so this only serves files without the key.
 RUN_LEGACY_DEFAULTS = ((("algorithm", "hetlora", "padding"), "holders"),
                        (("algorithm", "hetlora", "sparsity"), "update"),
-                       (("algorithm", "bandit", "reward"), "ema"))
+                       (("algorithm", "bandit", "reward"), "ema"),
+                       (("algorithm", "hetlora", "ranks"), [2, 4, 8]),
+                       (("algorithm", "flexlora", "ranks"), [2, 4, 8]))
 
 
 def parent_node(raw: Any, keys: tuple) -> dict | None:
@@ -708,5 +712,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     if data:
         raw = {**raw, **data}
     raw = resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
-    cfg = from_dict(ExperimentConfig, raw)
+    cfg = derive_defaults(from_dict(ExperimentConfig, raw))
     return validate(cfg, model_num_layers(cfg) if check_model else None)
+
+
+def derive_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the defaults that depend on other keys filled in, so a run directory's
+    ``config.yaml`` records what ran: ``algorithm.{hetlora,flexlora}.ranks`` null -> derived from
+    ``lora.rank`` (:func:`hfl_jax.algos.hetlora.default_ranks`). Explicit values are kept as given."""
+    from hfl_jax.algos.hetlora import default_ranks
+
+    a, derived = cfg.algorithm, default_ranks(cfg.lora.rank)
+    if a.hetlora.ranks is None:
+        a = dataclasses.replace(a, hetlora=dataclasses.replace(a.hetlora, ranks=derived))
+    if a.flexlora.ranks is None:
+        a = dataclasses.replace(a, flexlora=dataclasses.replace(a.flexlora, ranks=derived))
+    return cfg if a is cfg.algorithm else dataclasses.replace(cfg, algorithm=a)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from hfl_jax.fed.tiers import TIER_BYTES, TIER_TIMES   # noqa: F401  (re-exported; the fields' owner is fed)
+
 MB = 1e6   # traffic is reported in decimal megabytes
 
 RunLike = str | os.PathLike | Mapping
@@ -62,8 +64,6 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     return {"dir": d, "config": config, "records": records, "summary": summary}
 
 
-TIER_BYTES = ("edge_bytes_up", "edge_bytes_down", "cloud_bytes_up", "cloud_bytes_down")
-TIER_TIMES = ("time_compute", "time_edge", "time_cloud")
 
 
 def tier_totals(records: Sequence[Mapping]) -> dict:

@@ -50,3 +50,31 @@ def test_wrong_types_and_values_name_the_key():
 def test_exponent_without_dot_is_a_number():
     cfg = load_config(ROOT / "experiments/configs/smoke.yaml", ["devices.edge_cloud_bandwidth=100e6"])
     assert cfg.devices.edge_cloud_bandwidth == 1e8
+
+
+@pytest.mark.parametrize("name", ["flexlora", "hetlora"])
+def test_heterogeneous_ranks_default_from_lora_rank(name, tmp_path):
+    """``algorithm.{flexlora,hetlora}.ranks`` null (the default) derives from ``lora.rank``:
+    (r//4, r//2, r), at least 1, deduplicated; so the smoke config (rank 4) runs either baseline.
+    Explicit ranks are still checked against lora.rank, and a run directory without the key
+    (written when the default was [2, 4, 8]) reads back [2, 4, 8]."""
+    import yaml
+
+    from hfl_jax.algos.hetlora import default_ranks
+    from hfl_jax.config import load_run_config, to_dict
+
+    assert [default_ranks(r) for r in (1, 2, 4, 8, 16)] == [(1,), (1, 2), (1, 2, 4), (2, 4, 8), (4, 8, 16)]
+    smoke = ROOT / "experiments/configs/smoke.yaml"
+    cfg = load_config(smoke, [f"algorithm.name={name}"])      # lora.rank 4: validates and builds
+    assert getattr(cfg.algorithm, name).ranks == (1, 2, 4)
+    cfg8 = load_config(smoke, [f"algorithm.name={name}", "lora.rank=8"])
+    assert getattr(cfg8.algorithm, name).ranks == (2, 4, 8)
+    explicit = load_config(smoke, [f"algorithm.name={name}", f"algorithm.{name}.ranks=[4,1]"])
+    assert getattr(explicit.algorithm, name).ranks == (4, 1)    # explicit: kept as given
+    with pytest.raises(ConfigError, match=f"algorithm.{name}.ranks"):
+        load_config(smoke, [f"algorithm.name={name}", f"algorithm.{name}.ranks=[2,8]"])
+    raw = to_dict(cfg8)
+    del raw["algorithm"][name]["ranks"]
+    raw["lora"]["rank"] = 16
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert getattr(load_run_config(tmp_path).algorithm, name).ranks == (2, 4, 8)

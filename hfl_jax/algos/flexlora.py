@@ -14,14 +14,14 @@ import numpy as np
 
 from hfl_jax.algos.api import FedAlgorithm
 from hfl_jax.algos.fedlora import flat
-from hfl_jax.algos.hetlora import assign_ranks, check_ranks
+from hfl_jax.algos.hetlora import assign_ranks, device_ranks
 from hfl_jax.fed.group_aggregators import SVDProductMean
 
 
 def build(cfg, num_layers: int) -> FedAlgorithm:
-    """FlexLoRA: heterogeneous ranks ``algorithm.flexlora.ranks``, product averaging + truncated SVD."""
-    ranks = cfg.algorithm.flexlora.ranks
-    check_ranks(ranks, cfg.lora.rank, "algorithm.flexlora.ranks")
+    """FlexLoRA: heterogeneous ranks ``algorithm.flexlora.ranks`` (null: derived from ``lora.rank``,
+    :func:`hfl_jax.algos.hetlora.default_ranks`), product averaging + truncated SVD."""
+    ranks = device_ranks(cfg.algorithm.flexlora.ranks, cfg.lora.rank, "algorithm.flexlora.ranks")
     return flat("flexlora", num_layers, aggregator=SVDProductMean(),
                 init_host=lambda env: {"ranks": assign_ranks(env.profiles["flops"], ranks)},
                 ranks_of=lambda host: host["ranks"],

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hfl_jax.data.report import kl_divergence
+from hfl_jax.data.stats import kl_divergence
 
 # A refinement step must lower the objective by more than this (relative) to
 # be taken; guards against cycling on floating-point noise.
@@ -53,7 +53,7 @@ class _GroupStats(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-# Smoothing of the grouping objective's KL (hfl_jax.data.report.kl_divergence): larger than the
+# Smoothing of the grouping objective's KL (hfl_jax.data.stats.kl_divergence): larger than the
 # reports' so the greedy search never sees log(0)-sized terms; hand-computed (unsmoothed) KLs
 # agree to ~1e-5.
 KL_EPS = 1e-6
@@ -68,7 +68,7 @@ def _global_dist(label_counts: np.ndarray) -> np.ndarray:
 
 def _kl_rows(counts: np.ndarray, q: np.ndarray) -> np.ndarray:
   """KL(q_row || q) for label-count rows [..., C] -> [...] (smoothed,
-  :func:`hfl_jax.data.report.kl_divergence`); 0 for empty rows."""
+  :func:`hfl_jax.data.stats.kl_divergence`); 0 for empty rows."""
   n = counts.sum(axis=-1, keepdims=True)
   kl = kl_divergence(np.divide(counts, n, out=np.zeros_like(counts), where=n > 0), q, eps=KL_EPS)
   return np.where(n[..., 0] > 0, kl, 0.0)

@@ -11,7 +11,7 @@ import numpy as np
 
 from hfl_jax.algos.api import FedAlgorithm
 from hfl_jax.algos.fedlora import flat
-from hfl_jax.config import ConfigError
+from hfl_jax.errors import ConfigError
 from hfl_jax.fed.group_aggregators import RankPadded
 from hfl_jax.models.lora import LoRA
 
@@ -19,16 +19,33 @@ from hfl_jax.models.lora import LoRA
 def build(cfg, num_layers: int) -> FedAlgorithm:
     """One group of all devices; full depth; tau 1; heterogeneous ranks pruned after each round."""
     h = cfg.algorithm.hetlora
-    check_ranks(h.ranks, cfg.lora.rank, "algorithm.hetlora.ranks")
+    ranks = device_ranks(h.ranks, cfg.lora.rank, "algorithm.hetlora.ranks")
 
     def prune(host, trainable):
         norms = component_norms(trainable["lora"])
         return {"ranks": prune_ranks(host["ranks"], norms, h.prune_factor, h.prune_threshold, h.min_rank)}
 
     return flat("hetlora", num_layers, aggregator=RankPadded(h.sparsity, h.padding),
-                init_host=lambda env: {"ranks": assign_ranks(env.profiles["flops"], h.ranks)},
+                init_host=lambda env: {"ranks": assign_ranks(env.profiles["flops"], ranks)},
                 ranks_of=lambda host: host["ranks"], after_round=prune,
                 describe=lambda host: {"mean_rank": float(np.mean(host["ranks"]))})
+
+
+def default_ranks(lora_rank: int) -> tuple[int, ...]:
+    """The device ranks when ``algorithm.{hetlora,flexlora}.ranks`` is null: ``r // 4``, ``r // 2``
+    and ``r`` for ``r = lora.rank`` (each at least 1), deduplicated and sorted (slow -> fast tiers):
+    ``(2, 4, 8)`` for rank 8 (the fixed default of earlier versions), ``(1, 2, 4)`` for rank 4,
+    ``(1, 2)`` for rank 2, ``(1,)`` for rank 1."""
+    r = int(lora_rank)
+    return tuple(sorted({max(1, r // 4), max(1, r // 2), max(1, r)}))
+
+
+def device_ranks(ranks, lora_rank: int, key: str) -> tuple[int, ...]:
+    """``ranks`` checked against ``lora.rank`` (:func:`check_ranks`), or :func:`default_ranks` when ``None``."""
+    if ranks is None:
+        return default_ranks(lora_rank)
+    check_ranks(ranks, lora_rank, key)
+    return tuple(ranks)
 
 
 def check_ranks(ranks, lora_rank: int, key: str) -> None:

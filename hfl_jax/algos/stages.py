@@ -27,7 +27,7 @@ from hfl_jax.fed.env import Env
 from hfl_jax.fed.group_aggregators import FedAvg
 from hfl_jax.fed.timemodel import global_round_time
 from hfl_jax.fed.xla import signature
-from hfl_jax.report import TIER_BYTES, TIER_TIMES
+from hfl_jax.fed.tiers import TIER_BYTES, TIER_TIMES
 
 PROBE_SALT = 1_000_003  # fold-in constant separating probe keys from training keys
 # Salts that give every purpose its own random stream (shared with hfl_jax.driver).

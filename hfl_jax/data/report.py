@@ -10,11 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hfl_jax.data.stats import KL_EPS, kl_divergence, smooth   # noqa: F401  (re-exported: hfl_jax.data.report.*)
 from hfl_jax.data.tasks import DataError
-
-#: Added to every probability before normalising, so KL is finite when a class is absent
-#: globally; a device's own zero classes contribute 0 * log(...) = 0 regardless.
-KL_EPS = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +44,6 @@ class PartitionReport:
                 "global_dist": self.global_dist.tolist(), "kl": self.kl.tolist(),
                 "mean_kl": self.mean_kl, "eps": self.eps,
                 "empty_devices": int(np.sum(self.sizes == 0))}
-
-
-def smooth(p: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
-    """``(p + eps) / (1 + K eps)`` along the last axis (a distribution stays one)."""
-    return (p + eps) / (1.0 + p.shape[-1] * eps)
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
-    """KL(p || q) along the last axis, in nats, after smoothing both with `eps` (:func:`smooth`).
-
-    p: [..., K] and q: [K] probability vectors. The one KL of the project (partition reports,
-    the grouping objective in :mod:`hfl_jax.algos.grouping`).
-    """
-    ps, qs = smooth(p, eps), smooth(q, eps)
-    return np.sum(ps * np.log(ps / qs), axis=-1)
 
 
 def partition_report(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int,

@@ -4,11 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from hfl_jax.errors import ConfigError   # noqa: F401  (re-exported: one class for every config error)
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "deberta", "deberta-v2")
-
-
-class ConfigError(ValueError):
-    """A model configuration is unusable; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
