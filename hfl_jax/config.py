@@ -23,17 +23,19 @@ from hfl_jax.errors import ConfigError   # re-exported: hfl_jax.config.ConfigErr
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelConfig:
-    """A small random BERT encoder (for smoke tests; no download)."""
+    """A small random model (smoke tests; no download): a BERT encoder for ``model.name: tiny``, a
+    Llama-architecture decoder for ``model.name: tiny-decoder``."""
     hidden_size: int = 32
     num_layers: int = 4
     num_heads: int = 2
     intermediate_size: int = 64
-    vocab_size: int = 30522  # matches the packaged MiniLM tokenizer
+    vocab_size: int = 30522  # matches the packaged MiniLM tokenizer; tiny-decoder: its built tokenizer's size cap
+    num_kv_heads: Optional[int] = None   # tiny-decoder: grouped-query attention's key/value heads (default num_heads)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm-l6"             # alias, local directory, hub id, or "tiny" (random, see `tiny`)
+    name: str = "minilm-l6"             # alias, local directory, hub id, "tiny" or "tiny-decoder" (random, see `tiny`)
     tiny: TinyModelConfig = TinyModelConfig()
     compute_dtype: str = "float32"      # float32 | bfloat16 (mixed precision: hfl_jax/models/precision.py)
     attention: str = "auto"             # auto | xla | cudnn | einsum (BERT/RoBERTa attention kernel)
@@ -50,13 +52,14 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    task: str = "sst2"                  # sst2 | qnli | qqp | mnli | custom
+    task: str = "sst2"                  # sst2 | qnli | qqp | mnli | custom | instruct (decoders)
     data_dir: Optional[str] = None      # GLUE-layout directory; default $HFL_DATA_DIR, then the hub
     tokenizer: Optional[str] = None     # default: model.name ("minilm-l6" for model.name == "tiny")
     max_length: int = 64
     train_subset: Optional[int] = None  # use a seeded random subset of this many training examples
     eval_subset: Optional[int] = None
     custom: Optional[dict] = None       # CustomSpec fields for task == custom
+    instruct: Optional[dict] = None     # InstructSpec fields for task == instruct (hfl_jax/data/instruct.py)
     # Tuning protocol: carve this many examples out of the training split as a validation set,
     # always with data.validation_seed (the same carve for every run seed and method) and never
     # trained on; evaluate: "validation" scores every round on it (tune hyperparameters there),
@@ -231,6 +234,15 @@ def fill_run_legacy(raw: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """What a decoder's evaluation generates (:mod:`hfl_jax.objectives.causal_lm`); encoders ignore it."""
+    generate: int = 0                   # greedy generations on this many evaluation examples (0: none)
+    max_new_tokens: int = 64
+    extractor: str = "exact"            # gsm8k | label_word | exact (hfl_jax.data.metrics_text.EXTRACTORS)
+    batch_size: int = 16                # prompts generated for at once
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 1                      # save every N global rounds (and at the end)
     keep: int = 3                       # keep the last k checkpoints
@@ -247,6 +259,7 @@ class ExperimentConfig:
     devices: DevicesConfig = DevicesConfig()
     train: TrainConfig = TrainConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tensorboard: bool = False
 
@@ -414,8 +427,11 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.depths is None or len(a.depths) > 0, "algorithm.depths",
              "the arm grid is empty; list depths (e.g. [2, 4]) or omit the key for the default 1, 2, 4, ..., L")
     _require(a.depths is None or min(a.depths) >= 1, "algorithm.depths", f"depths must be >= 1, got {a.depths}")
-    _check_lora_targets(l.targets)
+    family = family_of_name(cfg.model.name)
+    if family is not None:   # else model_num_layers checks them against the checkpoint's config.json
+        _check_lora_targets(l.targets, family)
     _check_data(cfg.data)
+    _check_evaluation(cfg, family)
     _require(p.method in PARTITIONERS, "partition.method",
              f"unknown partition method {p.method!r}; one of {', '.join(PARTITIONERS)}")
     _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
@@ -460,9 +476,22 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     return cfg
 
 
-def _check_lora_targets(targets: tuple, family: str | None = None) -> None:
-    from hfl_jax.models.lora import TARGETS   # one list for every supported family
+def family_of_name(name: str) -> str | None:
+    """A model's ``model_type`` when its name alone tells (``tiny``, ``tiny-decoder``, an alias, a
+    known encoder checkpoint); ``None`` when only its ``config.json`` can."""
+    from hfl_jax.models.hub import ALIASES
 
+    if name == "tiny-decoder":
+        return "llama"
+    if name == "tiny" or name in ALIASES or name in KNOWN_LAYERS:
+        return "bert"
+    return None
+
+
+def _check_lora_targets(targets: tuple, family: str | None = None) -> None:
+    from hfl_jax.models.families import lora_targets_of
+
+    TARGETS = lora_targets_of(family or "bert")
     _require(len(targets) > 0, "lora.targets", f"must name at least one of {', '.join(TARGETS)}")
     for t in targets:
         _require(t in TARGETS, "lora.targets",
@@ -471,11 +500,39 @@ def _check_lora_targets(targets: tuple, family: str | None = None) -> None:
     _require(len(set(targets)) == len(targets), "lora.targets", f"lists a target twice: {list(targets)}")
 
 
+def _check_evaluation(cfg: ExperimentConfig, family: str | None) -> None:
+    """``evaluation.*`` ranges, and ``data.task: instruct`` only with a decoder model."""
+    from hfl_jax.data.metrics_text import EXTRACTORS
+    from hfl_jax.models.families import DECODER_MODEL_TYPES
+
+    e = cfg.evaluation
+    _require(e.generate >= 0, "evaluation.generate", f"must be >= 0, got {e.generate}")
+    for key, v in (("evaluation.max_new_tokens", e.max_new_tokens), ("evaluation.batch_size", e.batch_size)):
+        _require(v >= 1, key, f"must be >= 1, got {v}")
+    _require(e.extractor in EXTRACTORS, "evaluation.extractor",
+             f"unknown extractor {e.extractor!r}; one of {', '.join(EXTRACTORS)}")
+    if cfg.data.task == "instruct" and family is not None:
+        _require(family in DECODER_MODEL_TYPES, "data.task",
+                 f"instruct needs a decoder model (model.name {cfg.model.name!r} is a {family} encoder)")
+
+
 def _check_data(d: DataConfig) -> None:
     """``data.task`` and the shape of ``data.custom`` (its files are checked by :func:`preflight`)."""
     from hfl_jax.data.tasks import TASK_NAMES, SpecError, custom_spec
 
-    _require(d.task in TASK_NAMES, "data.task", f"unknown task {d.task!r}; one of {', '.join(TASK_NAMES)}")
+    tasks = (*TASK_NAMES, "instruct")
+    _require(d.task in tasks, "data.task", f"unknown task {d.task!r}; one of {', '.join(tasks)}")
+    if d.task != "instruct":
+        _require(d.instruct is None, "data.instruct",
+                 f"is only used with data.task: instruct (data.task is {d.task!r})")
+    else:
+        from hfl_jax.data.instruct import instruct_spec
+        _require(d.instruct is not None, "data.instruct",
+                 "data.task: instruct needs data.instruct: {train: FILE, prompt: FIELD, response: FIELD, ...}")
+        try:
+            instruct_spec(d.instruct)
+        except SpecError as e:
+            raise ConfigError(f"data.instruct.{e.field}: {e.reason}") from None
     if d.task != "custom":
         _require(d.custom is None, "data.custom", f"is only used with data.task: custom (data.task is {d.task!r})")
         return
@@ -503,7 +560,7 @@ def check_model_name(name: str, key: str = "model.name") -> None:
     """``name`` is ``tiny``, an alias, an existing model directory, or shaped like a hub id."""
     from hfl_jax.models.hub import ALIASES
 
-    if name == "tiny" and key == "model.name" or name in ALIASES:
+    if name in ("tiny", "tiny-decoder") and key == "model.name" or name in ALIASES:
         return
     path = Path(name).expanduser()
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
@@ -521,7 +578,7 @@ def _model_json(cfg: ExperimentConfig) -> dict | None:
     """The model's config.json without loading weights (None for ``tiny`` or when unreachable)."""
     import json
 
-    if cfg.model.name == "tiny":
+    if cfg.model.name in ("tiny", "tiny-decoder"):
         return None
     try:
         from hfl_jax.models.hub import resolve_model_dir
@@ -534,19 +591,22 @@ def model_num_layers(cfg: ExperimentConfig) -> int | None:
     """Layer count from the model's config.json without loading weights (None if unreachable).
     Also checks ``model.name`` and ``lora.targets`` against the model's family."""
     check_model_name(cfg.model.name)
-    if cfg.model.name == "tiny":
+    if cfg.model.name in ("tiny", "tiny-decoder"):
         return cfg.model.tiny.num_layers
     if cfg.model.name in KNOWN_LAYERS:
         return KNOWN_LAYERS[cfg.model.name]
     hf = _model_json(cfg)
     if hf is None:
         return None
+    from hfl_jax.models.families import DECODER_MODEL_TYPES
     from hfl_jax.models.config import SUPPORTED_MODEL_TYPES
 
     family = hf.get("model_type")
-    _require(family in SUPPORTED_MODEL_TYPES, "model.name",
-             f"{cfg.model.name}: model_type {family!r} is not supported ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    supported = (*SUPPORTED_MODEL_TYPES, *DECODER_MODEL_TYPES)
+    _require(family in supported, "model.name",
+             f"{cfg.model.name}: config.json's model_type {family!r} is not supported ({', '.join(supported)})")
     _check_lora_targets(cfg.lora.targets, family)
+    _check_evaluation(cfg, family)
     try:
         return int(hf["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):

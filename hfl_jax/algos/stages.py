@@ -324,8 +324,8 @@ def _layerwise(trainables: tuple, depths: jax.Array, weights: jax.Array, prev: A
     compiled its own small programs: seconds of start-up on CPU). Bit-identical to the eager one
     (``experiments/equivalence``)."""
     g_tr = jax.tree.map(lambda *xs: jnp.stack(xs), *trainables)
-    lora, head = layerwise_aggregate(g_tr["lora"], g_tr["head"], depths, weights, prev["lora"], prev["head"])
-    return {"lora": lora, "head": head}
+    lora, head = layerwise_aggregate(g_tr["lora"], g_tr.get("head"), depths, weights, prev["lora"], prev.get("head"))
+    return {"lora": lora} if "head" not in prev else {"lora": lora, "head": head}   # decoders: LoRA only
 
 
 def round_time(costs: list) -> float:

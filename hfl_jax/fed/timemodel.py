@@ -52,16 +52,25 @@ ACT_SCORES = 2
 # ----------------------------------------------------------------------------
 
 
+def family_cost(cfg):
+    """The cost module a model family supplies (``cfg.cost_model``: a decoder's
+    :mod:`hfl_jax.models.decoder_cost`), or ``None`` for the encoders counted in this module."""
+    return getattr(cfg, "cost_model", None)
+
+
 def _check_cfg(cfg) -> None:
+    if family_cost(cfg) is not None:
+        return
     if cfg.model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {cfg.model_type!r}; expected one of {MODEL_TYPES}")
 
 
-def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
+def _check_targets(targets: Sequence[str], cfg=None) -> tuple[str, ...]:
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    unknown = [t for t in targets if t not in TARGET_NAMES]
+    names = tuple(getattr(cfg, "lora_targets", TARGET_NAMES)) if cfg is not None else TARGET_NAMES
+    unknown = [t for t in targets if t not in names]
     if unknown or len(set(targets)) != len(targets):
-        raise ValueError(f"LoRA targets must be distinct names from {TARGET_NAMES}, got {targets}")
+        raise ValueError(f"LoRA targets must be distinct names from {names}, got {targets}")
     return targets
 
 
@@ -79,7 +88,11 @@ def _check_positive(**kw) -> None:
 
 def target_dims(cfg, target: str) -> tuple[int, int]:
     """(in, out) features of a LoRA target: H->H for query/key/value/attention_output,
-    H->I for intermediate, I->H for output."""
+    H->I for intermediate, I->H for output; a family that owns its targets answers itself
+    (``cfg.lora_target_dims``)."""
+    if hasattr(cfg, "lora_target_dims"):
+        _check_targets((target,), cfg)
+        return tuple(cfg.lora_target_dims(target))
     _check_targets((target,))
     H, I = cfg.hidden_size, cfg.intermediate_size
     return {"intermediate": (H, I), "output": (I, H)}.get(target, (H, H))
@@ -199,6 +212,8 @@ def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequen
     """Forward (evaluation) FLOPs of one batch [B, T]: L layers plus the head."""
     _check_cfg(cfg)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
+    if family_cost(cfg) is not None:
+        return family_cost(cfg).forward_flops(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg))
     return (cfg.num_layers * layer_forward_flops(cfg, batch_size, seq_len, rank, targets)
             + head_forward_flops(cfg, batch_size, num_labels))
 
@@ -290,8 +305,10 @@ def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
     """Backward FLOPs at fine-tuning depth d: top d layers (the lowest with a dead input) and the head."""
     _check_cfg(cfg)
     depth = _check_depth(cfg, depth)
-    targets = _check_targets(targets)
+    targets = _check_targets(targets, cfg)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
+    if family_cost(cfg) is not None:
+        return family_cost(cfg).backward_flops(cfg, batch_size, seq_len, depth, rank, targets)
     flops = 0.0
     if depth > 0:
         flops += layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=False)
@@ -326,7 +343,7 @@ def lora_layer_param_count(cfg, rank: int, targets: Sequence[str] = DEFAULT_TARG
     if factors not in FACTORS:
         raise ValueError(f"factors must be one of {FACTORS}, got {factors!r}")
     return sum(rank * (fan_in * ("A" in factors) + fan_out * ("B" in factors))
-               for fan_in, fan_out in (target_dims(cfg, t) for t in _check_targets(targets)))
+               for fan_in, fan_out in (target_dims(cfg, t) for t in _check_targets(targets, cfg)))
 
 
 def lora_param_count(cfg, depth: int, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
@@ -362,7 +379,10 @@ def lora_bytes(cfg, layers, rank: int, targets: Sequence[str] = DEFAULT_TARGETS,
 
 
 def head_param_count(cfg, num_labels: int | None = None) -> int:
-    """Head parameters: dense H->Hp with bias and classifier Hp->C with bias."""
+    """Head parameters: dense H->Hp with bias and classifier Hp->C with bias (0 for a family
+    without a trainable head: decoders train LoRA only)."""
+    if family_cost(cfg) is not None:
+        return 0
     H, Hp, C = cfg.hidden_size, _pooler_size(cfg), _num_labels(cfg, num_labels)
     return H * Hp + Hp + Hp * C + C
 
@@ -380,8 +400,11 @@ def base_param_count(cfg) -> int:
     token types, a layer norm, and an E->H projection when E != H. A layer:
     Q, K, V, O (4H^2 + 4H), FFN (2HI + I + H), two layer norms (4H), and, for
     DeBERTa without shared keys, separate position projections (2H^2 + H).
-    DeBERTa adds the 2S*H relative-embedding table.
+    DeBERTa adds the 2S*H relative-embedding table. Other families count themselves
+    (:func:`family_cost`).
     """
+    if family_cost(cfg) is not None:
+        return family_cost(cfg).base_param_count(cfg)
     H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     E = int(getattr(cfg, "embedding_size", None) or H)
     positions = int(getattr(cfg, "max_position_embeddings", 512))
@@ -405,7 +428,10 @@ def base_param_count(cfg) -> int:
 def layer_activation_floats(cfg, batch_size: int, seq_len: int, rank: int,
                             targets: Sequence[str] = DEFAULT_TARGETS) -> float:
     """Floats one layer keeps for its backward pass (rough estimate):
-    B*T*(8H + 2I + r*|targets|) + B*heads*T*T*2 (see ACT_* constants)."""
+    B*T*(8H + 2I + r*|targets|) + B*heads*T*T*2 (see ACT_* constants); other families count
+    themselves (:func:`family_cost`)."""
+    if family_cost(cfg) is not None:
+        return family_cost(cfg).layer_activation_floats(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg))
     tokens = batch_size * seq_len
     per_token = (ACT_HIDDEN * cfg.hidden_size + ACT_INTERMEDIATE * cfg.intermediate_size
                  + rank * len(_check_targets(targets)))
@@ -430,7 +456,8 @@ def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
         "gradients": trainable * b,
         "adam_state": 2 * trainable * b,
         "activations": depth * act * b,
-        "working_set": act * b,
+        "working_set": act * b + (family_cost(cfg).logits_floats(cfg, batch_size, seq_len) * b
+                                  if family_cost(cfg) is not None else 0.0),
     }
 
 

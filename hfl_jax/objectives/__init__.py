@@ -22,6 +22,35 @@ Which one a run uses follows from its model: :func:`objective_of`.
 """
 from __future__ import annotations
 
-from hfl_jax.objectives.base import StepMetrics, objective_of
+from hfl_jax.objectives import causal_lm, classification
+from hfl_jax.objectives.base import Prepared, StepMetrics, is_decoder
 
-__all__ = ["StepMetrics", "objective_of"]
+OBJECTIVES = {classification.NAME: classification, causal_lm.NAME: causal_lm}
+
+
+def objective_of(model):
+    """The objective of a built model: causal LM for decoder LLMs, classification for encoders."""
+    return causal_lm if is_decoder(model) else classification
+
+
+def model_kind(name: str) -> str:
+    """``"decoder"`` or ``"encoder"`` for a ``model.name``: ``tiny`` (random BERT), ``tiny-decoder``
+    (random Llama), a packaged alias, or a checkpoint directory / hub id whose ``config.json`` says."""
+    if name == "tiny-decoder":
+        return "decoder"
+    if name == "tiny":
+        return "encoder"
+    import json
+
+    from hfl_jax.models.families import is_decoder_type
+    from hfl_jax.models.hub import resolve_model_dir
+    model_type = json.loads((resolve_model_dir(name) / "config.json").read_text()).get("model_type")
+    return "decoder" if is_decoder_type(model_type) else "encoder"
+
+
+def objective_for(model_name: str):
+    """The objective of a run whose ``model.name`` is ``model_name``, before the model is built."""
+    return causal_lm if model_kind(model_name) == "decoder" else classification
+
+
+__all__ = ["OBJECTIVES", "Prepared", "StepMetrics", "model_kind", "objective_for", "objective_of"]

@@ -22,16 +22,6 @@ def is_decoder(model: Any) -> bool:
     return bool(getattr(model, "is_decoder", False))
 
 
-def objective_of(model: Any):
-    """The objective module of a model: :mod:`~hfl_jax.objectives.causal_lm` for decoder LLMs,
-    :mod:`~hfl_jax.objectives.classification` for encoders."""
-    if is_decoder(model):
-        from hfl_jax.objectives import causal_lm
-        return causal_lm
-    from hfl_jax.objectives import classification
-    return classification
-
-
 def with_head(base: dict, trainable: dict) -> dict:
     """The model's parameters: the frozen ``base`` plus the trainable head when the model has one
     (decoders train LoRA only: their trainable tree has no ``"head"``)."""
@@ -56,27 +46,3 @@ class Prepared:
     model: tuple
     extras: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
-
-
-def model_kind(name: str) -> str:
-    """``"decoder"`` or ``"encoder"`` for a ``model.name``: ``tiny`` (random BERT), ``tiny-decoder``
-    (random Llama), a packaged alias, or a checkpoint directory / hub id whose ``config.json`` says."""
-    if name == "tiny-decoder":
-        return "decoder"
-    if name == "tiny":
-        return "encoder"
-    import json
-
-    from hfl_jax.models.hub import resolve_model_dir
-    model_type = json.loads((resolve_model_dir(name) / "config.json").read_text()).get("model_type")
-    from hfl_jax.models.decoder import DECODER_MODEL_TYPES
-    return "decoder" if model_type in DECODER_MODEL_TYPES else "encoder"
-
-
-def objective_for(model_name: str):
-    """The objective module of a run whose ``model.name`` is ``model_name`` (before the model is built)."""
-    if model_kind(model_name) == "decoder":
-        from hfl_jax.objectives import causal_lm
-        return causal_lm
-    from hfl_jax.objectives import classification
-    return classification

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hfl_jax.objectives.base import StepMetrics, with_head
+from hfl_jax.objectives.base import Prepared, StepMetrics, with_head
 
 NAME = "causal_lm"
 IGNORE = -100
@@ -200,3 +200,118 @@ def generation_metric(model, trainable, base, prompts: dict, references: list, *
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
     hits = [bool(extractor(g, r)) for g, r in zip(texts, references)]
     return float(np.mean(hits)) if hits else 0.0, texts
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg, texts):
+    """The run's tokenizer: ``data.tokenizer`` (a directory or hub id) or the checkpoint's own
+    (transformers' fast tokenizer); for ``model.name: tiny-decoder`` without one, a byte-level BPE
+    tokenizer of ``model.tiny.vocab_size`` tokens trained on the run's training texts in-process
+    (:func:`hfl_jax.data.instruct.build_tokenizer`: deterministic, offline)."""
+    from hfl_jax.data.instruct import build_tokenizer, special_ids
+
+    name = cfg.data.tokenizer or (None if cfg.model.name == "tiny-decoder" else cfg.model.name)
+    if name is None:
+        tok = build_tokenizer(texts, vocab_size=cfg.model.tiny.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        from hfl_jax.models.hub import resolve_model_dir
+        tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(name)), use_fast=True)
+    special_ids(tok)   # DataError naming the tokenizer when it has neither pad nor EOS token
+    return tok
+
+
+def _instruct_splits(cfg):
+    """``(train, evaluation, label_ids_wanted)`` :class:`~hfl_jax.data.instruct.InstructData` of the rows
+    a run uses: ``data.task: instruct`` reads ``data.instruct`` files; any classification task
+    (``sst2``, ``custom``, ...) becomes prompt + label-word response."""
+    from hfl_jax.data.splits import eval_subset, training_rows
+
+    d = cfg.data
+    if d.task == "instruct":
+        from hfl_jax.data.instruct import load_instruct
+        full = load_instruct(d.instruct, "train")
+        rows, valid_rows = training_rows(cfg, len(full))
+        train = full if len(rows) == len(full) else full.take(rows)
+        if d.evaluate == "validation" or d.instruct.validation is None:
+            if d.evaluate != "validation" and not len(valid_rows):
+                from hfl_jax.data.tasks import DataError
+                raise DataError(f"data.instruct has no validation file and data.validation_size is 0: "
+                                f"nothing to evaluate on (set one of them)")
+            evaluation = full.take(valid_rows)
+        else:
+            evaluation = load_instruct(d.instruct, "validation")
+        sub = eval_subset(cfg, len(evaluation))
+        return train, (evaluation if sub is None else evaluation.take(sub)), False
+    from hfl_jax.data.instruct import classification_as_instruct
+    from hfl_jax.objectives.classification import load_text
+
+    convert = lambda ds: classification_as_instruct(ds.text_a, ds.labels, ds.label_names, ds.text_b,
+                                                    source=ds.source)
+    train_text, eval_text = load_text(cfg)
+    return convert(train_text), convert(eval_text), True
+
+
+def prepare(cfg, start_model: Callable) -> Prepared:
+    """Loads the run's instructions (or a classification dataset as generation), builds or loads the
+    tokenizer, starts the model (``start_model(vocab_size=V)``), tokenizes with the loss on
+    response tokens only (:func:`hfl_jax.data.instruct.tokenize_instruct`), and prepares what the
+    evaluation needs: label words, and the left-padded prompts of the examples to generate for."""
+    from hfl_jax.data.instruct import label_word_ids, render_prompts, tokenize_instruct, tokenize_prompts
+
+    d, ev = cfg.data, cfg.evaluation
+    train, evaluation, as_labels = _instruct_splits(cfg)
+    template = d.instruct.template if d.task == "instruct" else "auto"
+    tok = load_tokenizer(cfg, list(train.prompts) + list(train.responses))
+    future = start_model(vocab_size=len(tok))
+    train_arrays, train_stats = tokenize_instruct(train, tok, d.max_length, template)
+    eval_arrays, eval_stats = tokenize_instruct(evaluation, tok, d.max_length, template)
+    if train.categories is not None:
+        classes, names = np.asarray(train.categories, np.int32)[train_arrays["index"]], tuple(train.category_names)
+    else:   # no category column: every example one class (IID partitions only)
+        classes, names = np.zeros(len(train_arrays["input_ids"]), np.int32), ("all",)
+    extras = {"tokenizer": tok, "template": template}
+    eval_classes = None
+    if as_labels:
+        extras["label_ids"] = tuple(int(i) for i in label_word_ids(tok, evaluation.category_names, template))
+        eval_classes = np.asarray(evaluation.categories, np.int32)[eval_arrays["index"]]
+    if ev.generate:
+        n = min(ev.generate, len(evaluation))
+        texts = render_prompts(evaluation.take(np.arange(n)), tok, template)
+        ids, mask = tokenize_prompts(texts, tok, d.max_length)
+        extras["generation"] = {"prompts": {"input_ids": ids, "attention_mask": mask},
+                                "references": list(evaluation.responses[:n])}
+    train_arrays = {**train_arrays, "token_type_ids": np.zeros_like(train_arrays["input_ids"])}
+    eval_arrays = {**eval_arrays, "token_type_ids": np.zeros_like(eval_arrays["input_ids"]),
+                   "classes": eval_classes}
+    return Prepared(train=train_arrays, evaluation=eval_arrays, classes=classes, class_names=names,
+                    model=future.result(), extras=extras,
+                    info={"train_truncation": train_stats, "eval_truncation": eval_stats})
+
+
+def eval_data(cfg, prepared: Prepared, model, prepare_rows: Callable, pack_row_len: int) -> LMEval:
+    """The evaluation set as :func:`evaluate_fn` takes it (padded batches, trimmed by ``prepare_rows``)."""
+    e = prepared.evaluation
+    return prepare_rows(lm_eval(e, cfg.train.eval_batch_size, e.get("classes"),
+                                prepared.extras.get("label_ids", ())))
+
+
+def extra_metrics(cfg, prepared: Prepared, model, trainable, base, metrics: dict) -> dict:
+    """Perplexity of the response tokens; with generation configured (``evaluation.generate``), the
+    exact match of greedy generations becomes the main metric (``eval_accuracy``; the compiled
+    evaluation's metric is kept as ``eval_token_accuracy``/``eval_label_accuracy``)."""
+    from hfl_jax.data.metrics_text import EXTRACTORS
+
+    out = {"eval_perplexity": float(np.exp(min(metrics["eval_loss"], 50.0)))}
+    gen = prepared.extras.get("generation")
+    if gen:
+        ev = cfg.evaluation
+        key = "eval_label_accuracy" if prepared.extras.get("label_ids") else "eval_token_accuracy"
+        out[key] = metrics["eval_accuracy"]
+        match, _ = generation_metric(model, trainable, base, gen["prompts"], gen["references"],
+                                     tokenizer=prepared.extras["tokenizer"], extractor=EXTRACTORS[ev.extractor],
+                                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        out["eval_accuracy"] = out["eval_exact_match"] = match
+    return out
