@@ -119,12 +119,16 @@ def load_pretrained(name_or_path: str | os.PathLike = "minilm-l6", num_labels: i
     Returns:
       ``(model, params)``: an :class:`EncoderModel` and its float32 parameter tree.
       ``model.apply(params, input_ids, attention_mask, token_type_ids=None, lora=None) -> logits``.
+      A decoder checkpoint (``model_type`` llama/qwen2/mistral, ``*ForCausalLM``) gives a
+      :class:`~hfl_jax.models.decoder.DecoderModel` with no head (``num_labels``, ``seed``,
+      ``reinit_head`` unused) and logits ``[B, T, vocab]``.
 
     Raises:
       CheckpointError: missing directory/config/weights, pickle-only checkpoint,
         missing tensor or shape mismatch (named), or ``num_labels`` contradicting
         the checkpoint's head.
-      ConfigError: unknown ``model_type``.
+      ConfigError: unknown ``model_type``; a causal-LM ``architectures`` entry other than
+        LlamaForCausalLM/Qwen2ForCausalLM/MistralForCausalLM (message names config.json).
     """
     from hfl_jax.models import deberta  # noqa: F401  (registers the DeBERTa families)
 
@@ -133,6 +137,10 @@ def load_pretrained(name_or_path: str | os.PathLike = "minilm-l6", num_labels: i
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
     hf_config = json.loads(config_path.read_text())
+    from hfl_jax.models import decoder
+
+    if decoder.is_decoder_config(hf_config):   # Llama / Qwen2 / Mistral *ForCausalLM (no classification head)
+        return decoder.load_decoder(model_dir, hf_config, compute_dtype=compute_dtype)
     cfg = EncoderConfig.from_hf(hf_config, num_labels=num_labels)
     model = EncoderModel(cfg, compute_dtype=compute_dtype)
     tensors = Tensors(read_safetensors(model_dir), source=str(model_dir))
