@@ -566,6 +566,11 @@ def check_model_name(name: str, key: str = "model.name") -> None:
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
         _require(path.is_dir(), key, f"model directory {path} does not exist"
                  if not path.exists() else f"{path} is not a directory")
+        if key == "data.tokenizer":   # a tokenizer directory needs no model config
+            _require(any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")),
+                     key, f"{path} has neither tokenizer.json, tokenizer_config.json nor config.json "
+                          f"(expected a Hugging Face tokenizer or model directory)")
+            return
         _require((path / "config.json").is_file(), key,
                  f"{path} has no config.json (expected a Hugging Face model directory)")
         return

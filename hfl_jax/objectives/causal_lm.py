@@ -215,10 +215,13 @@ def load_tokenizer(cfg, texts):
     if name is None:
         tok = build_tokenizer(texts, vocab_size=cfg.model.tiny.vocab_size)
     else:
+        from pathlib import Path
+
         from transformers import AutoTokenizer
 
         from hfl_jax.models.hub import resolve_model_dir
-        tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(name)), use_fast=True)
+        where = Path(name).expanduser() if Path(name).expanduser().is_dir() else resolve_model_dir(name)
+        tok = AutoTokenizer.from_pretrained(str(where), use_fast=True)
     special_ids(tok)   # DataError naming the tokenizer when it has neither pad nor EOS token
     return tok
 
@@ -264,7 +267,10 @@ def prepare(cfg, start_model: Callable) -> Prepared:
     d, ev = cfg.data, cfg.evaluation
     train, evaluation, as_labels = _instruct_splits(cfg)
     template = d.instruct.template if d.task == "instruct" else "auto"
-    tok = load_tokenizer(cfg, list(train.prompts) + list(train.responses))
+    from hfl_jax.data.instruct import builtin_prompt
+    inputs = train.inputs or [""] * len(train.prompts)
+    corpus = [builtin_prompt(p, i, train.system) for p, i in zip(train.prompts, inputs)] + list(train.responses)
+    tok = load_tokenizer(cfg, corpus)   # a built tokenizer learns the template's words too
     future = start_model(vocab_size=len(tok))
     train_arrays, train_stats = tokenize_instruct(train, tok, d.max_length, template)
     eval_arrays, eval_stats = tokenize_instruct(evaluation, tok, d.max_length, template)

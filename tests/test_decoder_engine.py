@@ -1,0 +1,255 @@
+"""Decoder LLMs through the federated engine: the causal-LM objective, every algorithm, the CLI
+(smoke run learns, kill and resume bit-identically), bad input, the cost model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hfl_jax.algos import ALGORITHMS
+from hfl_jax.config import load_config
+from hfl_jax.driver import build, next_round
+from hfl_jax.models import DecoderConfig, DecoderModel, LoRAConfig, init_lora
+from hfl_jax.objectives import causal_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "configs" / "decoder_smoke.yaml"
+FAST = ["train.rounds=2", "train.local_steps=2", "train.batch_size=4", "data.eval_subset=16",
+        "train.eval_batch_size=16", "partition.num_devices=4", "data.train_subset=64"]
+
+
+def hfl(*args, env=None, timeout=600):
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.run([sys.executable, "-m", "hfl_jax", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def _tiny(vocab=64, layers=2):
+    cfg = DecoderConfig(model_type="llama", vocab_size=vocab, hidden_size=32, num_layers=layers, num_heads=4,
+                        num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=128,
+                        tie_word_embeddings=True)
+    model = DecoderModel(cfg)
+    params = model.init(jax.random.PRNGKey(0))
+    lora = init_lora(jax.random.PRNGKey(1), cfg, LoRAConfig(rank=2, alpha=4, targets=("q_proj", "v_proj", "down_proj")))
+    # nonzero B so the adapters matter
+    lora = lora.replace(weights={t: dict(ab, B=0.05 * jax.random.normal(jax.random.PRNGKey(i), ab["B"].shape))
+                                 for i, (t, ab) in enumerate(lora.weights.items())})
+    return model, params, lora
+
+
+def _batch(rng, lengths, prompt_lengths, T, vocab):
+    B = len(lengths)
+    ids = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.int32)
+    labels = np.full((B, T), -100, np.int32)
+    for b, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        ids[b, :n] = rng.integers(3, vocab, n)
+        mask[b, :n] = 1
+        labels[b, p:n] = ids[b, p:n]
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids), "labels": labels,
+            "mask": np.ones(B, bool)}
+
+
+def test_loss_counts_response_tokens_only():
+    """The loss is the mean next-token cross-entropy over response tokens, computed by hand from the
+    logits; prompt and padding positions contribute nothing (their logits can be anything)."""
+    model, params, lora = _tiny()
+    rng = np.random.default_rng(0)
+    batch = _batch(rng, [10, 7, 12], [4, 5, 3], 12, 64)
+    loss, m = causal_lm.loss_fn(model, depth=2)({"lora": lora}, params, batch)
+    logits = np.asarray(model.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora), np.float64)
+    terms = []
+    for b in range(3):
+        for t in range(11):
+            y = batch["labels"][b, t + 1]
+            if y >= 0:
+                z = logits[b, t]
+                terms.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[y])
+    assert int(m.count) == len(terms) == (10 - 4) + (7 - 5) + (12 - 3)
+    np.testing.assert_allclose(float(loss), np.mean(terms), rtol=1e-5)
+    # a masked-out example adds nothing
+    masked = dict(batch, mask=np.array([True, False, True]))
+    _, m2 = causal_lm.loss_fn(model, depth=2)({"lora": lora}, params, masked)
+    assert int(m2.count) == len(terms) - 2
+
+
+def test_packed_loss_equals_padded_loss():
+    from hfl_jax.data.packing import PackSpec, first_fit_decreasing, pack_batch
+
+    model, params, lora = _tiny()
+    rng = np.random.default_rng(1)
+    lengths = [9, 5, 12, 4]
+    batch = _batch(rng, lengths, [3, 2, 6, 1], 12, 64)
+    row, offset, rows = first_fit_decreasing(np.array(lengths), 16)
+    packed = pack_batch({k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(row), jnp.asarray(offset),
+                        PackSpec(rows, 16, 0))
+    fn = causal_lm.loss_fn(model, depth=2)
+    padded_loss, pm = fn({"lora": lora}, params, batch)
+    packed_loss, km = fn({"lora": lora}, params, packed)
+    assert rows < len(lengths) and int(pm.count) == int(km.count)
+    np.testing.assert_allclose(float(packed_loss), float(padded_loss), rtol=1e-5)
+    g_pad = jax.grad(lambda l: fn({"lora": l}, params, batch)[0])(lora)
+    g_pack = jax.grad(lambda l: fn({"lora": l}, params, packed)[0])(lora)
+    for a, b in zip(jax.tree.leaves(g_pad), jax.tree.leaves(g_pack)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_label_word_metric_scores_the_last_prompt_position():
+    """evaluate's main metric on a classification-as-generation set: argmax over the label words'
+    logits at the last prompt token, by hand."""
+    model, params, lora = _tiny()
+    rng = np.random.default_rng(2)
+    batch = _batch(rng, [8, 6, 9, 7, 5], [5, 3, 6, 4, 2], 10, 64)
+    label_ids = (7, 11, 13)
+    classes = np.array([0, 2, 1, 1, 0])
+    ev = causal_lm.lm_eval(batch, 2, classes, label_ids)
+    loss, acc = jax.jit(causal_lm.evaluate_fn(model))({"lora": lora}, params, ev)
+    logits = np.asarray(model.apply(params, batch["input_ids"], batch["attention_mask"], lora=lora))
+    pos = causal_lm.answer_positions(batch["labels"])
+    assert pos.tolist() == [4, 2, 5, 3, 1]
+    pred = np.argmax(logits[np.arange(5), pos][:, list(label_ids)], -1)
+    assert float(acc) == pytest.approx(np.mean(pred == classes))
+    whole, m = causal_lm.loss_fn(model, depth=0)({"lora": lora}, params, batch)
+    assert float(loss) == pytest.approx(float(whole), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_runs_two_rounds_on_a_decoder(name):
+    cfg = load_config(SMOKE, [f"algorithm.name={name}", *FAST])
+    exp = build(cfg)
+    assert "head" not in exp.initial.trainable   # decoders train LoRA only
+    state = exp.initial
+    for _ in range(2):
+        state, rec = next_round(exp, state)
+        active = [g for g in rec["groups"] if not g["skipped"]]
+        assert active and all(np.isfinite(g["train_loss"]) and g["time"] > 0 for g in active)
+        assert not rec["dropped_devices"]
+    from hfl_jax.driver import evaluate_global
+    metrics = evaluate_global(exp, state.trainable)
+    assert np.isfinite(metrics["eval_loss"]) and 0 <= metrics["eval_accuracy"] <= 1
+    assert metrics["eval_perplexity"] == pytest.approx(np.exp(metrics["eval_loss"]), rel=1e-6)
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.trainable),
+                                                         jax.tree.leaves(exp.initial.trainable))]
+    assert max(moved) > 0
+
+
+@pytest.fixture(scope="module")
+def decoder_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "decoder_smoke"
+    r = hfl("run", SMOKE, "--out", out, "--quiet", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_decoder_smoke_learns(decoder_smoke):
+    """Label-word accuracy clearly above the evaluation set's majority rate (65 of 120 negative)."""
+    summary = json.loads((decoder_smoke / "summary.json").read_text())
+    assert summary["final_accuracy"] >= 0.75 > 65 / 120 + 0.15
+    rec = _records(decoder_smoke)[-1]
+    assert rec["eval_perplexity"] == pytest.approx(np.exp(rec["eval_loss"]), rel=1e-6)
+
+
+def test_killed_decoder_run_resumes_bit_identically(decoder_smoke, tmp_path):
+    out = tmp_path / "killed"
+    r = hfl("run", SMOKE, "--out", out, "--quiet", "--no-plots", env={"HFL_FAULT_KILL_ROUND": "3"})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    r = hfl("resume", out, "--quiet", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    strip = lambda recs: [{k: v for k, v in x.items() if k != "wall_time"} for x in recs]
+    assert strip(_records(out)) == strip(_records(decoder_smoke))
+    from hfl_jax import checkpoint as ckpt
+    a = ckpt.manager(decoder_smoke / "checkpoints", 10)
+    b = ckpt.manager(out / "checkpoints", 10)
+    assert a.latest_step() == b.latest_step() == 15
+    la = jax.tree_util.tree_leaves_with_path(a.restore(15)["trainable"])
+    lb = jax.tree_util.tree_leaves_with_path(b.restore(15)["trainable"])
+    assert len(la) == len(lb) > 0
+    for (pa, xa), (pb, xb) in zip(la, lb):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(xa), np.asarray(xb))
+
+
+def _one_error_line(r):
+    """Exit code 2 and one error line, the last (progress lines about the data read may precede it)."""
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("hfl-jax:")]
+    assert r.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    return errors[0]
+
+
+def test_unsupported_architecture_exits_2_naming_config_json(tmp_path):
+    model_dir = tmp_path / "gpt2"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                       "n_layer": 2}))
+    out = tmp_path / "never"
+    line = _one_error_line(hfl("run", SMOKE, "--set", f"model.name={model_dir}", "--out", out))
+    assert "config.json" in line and "gpt2" in line
+    assert not out.exists()
+
+
+def test_instruction_file_without_the_response_field_exits_2(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"q{i}", "solution": "a"}) for i in range(20)))
+    out = tmp_path / "never"
+    line = _one_error_line(hfl("run", SMOKE, "--set", "data.task=instruct", "--set", "data.custom=null",
+                               "--set", f"data.instruct={{train: {data}, prompt: question, response: answer}}",
+                               "--set", "data.validation_size=4", "--out", out))
+    assert "answer" in line and "train.jsonl" in line
+    assert not out.exists()
+
+
+def test_every_response_truncated_away_exits_2(tmp_path):
+    out = tmp_path / "never"
+    line = _one_error_line(hfl("run", SMOKE, "--set", "data.max_length=3", "--out", out))
+    assert "max_length" in line
+    assert not out.exists()
+
+
+def test_tokenizer_without_pad_or_eos_exits_2(tmp_path):
+    from hfl_jax.data.instruct import build_tokenizer
+    tok = build_tokenizer(["some text to train on", "more text"], vocab_size=300)
+    tok.pad_token = None
+    tok.eos_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token", None), cfg.pop("pad_token", None)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "never"
+    line = _one_error_line(hfl("run", SMOKE, "--set", f"data.tokenizer={tmp_path / 'tok'}", "--out", out))
+    assert "tok" in line and "EOS" in line
+    assert not out.exists()
+
+
+def test_decoder_cost_model_hand_count():
+    """Forward and backward FLOPs of a tiny decoder, by hand (N = B*T tokens)."""
+    from hfl_jax.fed import timemodel
+
+    cfg = DecoderConfig(model_type="llama", vocab_size=100, hidden_size=16, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=4, intermediate_size=24)
+    B, T, r = 2, 5, 2
+    N, H, I, V, Dq, Dkv = B * T, 16, 24, 100, 16, 8
+    mm = lambda m, k, n: 2 * m * k * n
+    proj = mm(N, H, Dq) + 2 * mm(N, H, Dkv) + mm(N, Dq, H) + 2 * mm(N, H, I) + mm(N, I, H)
+    attn = 2 * mm(N, Dq, T)
+    lora_q = mm(N, H, r) + mm(N, r, Dq)
+    fwd = 3 * (proj + attn + lora_q) + mm(N, H, V)
+    assert timemodel.forward_flops(cfg, B, T, r, ("q_proj",)) == fwd
+    # depth 1, LoRA on q only: the LM head's dx, then the top layer with a dead input: q's LoRA
+    # (dB, dy B^T, dA), dP and dQ, o's dx (context live), the MLP's dx products
+    lora_bwd = mm(r, N, Dq) + mm(N, Dq, r) + mm(H, N, r)
+    layer = lora_bwd + 2 * mm(N, Dq, T) + mm(N, H, Dq) + 2 * mm(N, I, H) + mm(N, H, I)
+    assert timemodel.backward_flops(cfg, B, T, 1, r, ("q_proj",)) == mm(N, V, H) + layer
+    assert timemodel.head_param_count(cfg) == 0
+    assert timemodel.lora_param_count(cfg, 2, r, ("q_proj", "down_proj")) == 2 * r * (H + Dq + I + H)
