@@ -673,6 +673,10 @@ def preflight(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> Exper
                 check_custom_files(spec, split)
             except (DataError, DataNotFoundError) as e:
                 raise ConfigError(f"data.custom.{split}: {str(e).splitlines()[0]}") from None
+    if cfg.data.task == "instruct":
+        for split in ("train", "validation"):
+            path = cfg.data.instruct.get(split)
+            _require(path is None or Path(path).is_file(), f"data.instruct.{split}", f"file {path} does not exist")
     if cfg.data.tokenizer is not None:
         check_model_name(cfg.data.tokenizer, "data.tokenizer")
     _check_profiles(cfg)
@@ -690,7 +694,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 # Keys holding file or directory paths; relative ones are resolved against the config file's directory.
 PATH_KEYS = (("data", "data_dir"), ("devices", "profiles"), ("data", "custom", "train"),
-             ("data", "custom", "validation"))
+             ("data", "custom", "validation"), ("data", "instruct", "train"), ("data", "instruct", "validation"))
 # Keys that are a path only when they look like one (else an alias or a hub id).
 MAYBE_PATH_KEYS = (("model", "name"), ("data", "tokenizer"))
 

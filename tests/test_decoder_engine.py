@@ -253,3 +253,35 @@ def test_decoder_cost_model_hand_count():
     assert timemodel.backward_flops(cfg, B, T, 1, r, ("q_proj",)) == mm(N, V, H) + layer
     assert timemodel.head_param_count(cfg) == 0
     assert timemodel.lora_param_count(cfg, 2, r, ("q_proj", "down_proj")) == 2 * r * (H + Dq + I + H)
+
+
+def test_gsm8k_instruction_run_with_generation_exact_match(tmp_path):
+    """GSM8K as instruction data (the real files, a small subset) on the tiny decoder: response-only
+    labels, IID partition (no category), greedy generations scored by the GSM8K extractor become
+    the main metric, beside perplexity and next-token accuracy."""
+    from tests.test_instruct import gsm8k_dir
+    from hfl_jax.driver import evaluate_global
+    from hfl_jax.objectives import causal_lm as lm
+
+    g = gsm8k_dir()
+    cfg = load_config(SMOKE, [
+        "data.task=instruct", "data.custom=null",
+        f"data.instruct={{train: {g / 'train.jsonl'}, validation: {g / 'test.jsonl'}, prompt: question, response: answer}}",
+        "data.max_length=128", "data.train_subset=48", "data.eval_subset=8", "partition.method=iid",
+        "partition.num_devices=4", "train.rounds=1", "train.local_steps=1", "train.batch_size=2",
+        "train.eval_batch_size=8", "evaluation.generate=3", "evaluation.max_new_tokens=6",
+        "evaluation.extractor=gsm8k", "evaluation.batch_size=2", "model.tiny.vocab_size=512"])
+    exp = build(cfg)
+    assert exp.label_names == ("all",) and set(exp.train_labels.tolist()) == {0}
+    tr = exp.prepared.train
+    resp = tr["labels"] != -100
+    assert resp.any(1).all() and (tr["input_ids"][resp] == tr["labels"][resp]).all()
+    state, _ = next_round(exp, exp.initial)
+    metrics = evaluate_global(exp, state.trainable)
+    assert set(metrics) >= {"eval_loss", "eval_accuracy", "eval_perplexity", "eval_exact_match", "eval_token_accuracy"}
+    assert metrics["eval_accuracy"] == metrics["eval_exact_match"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    gen = exp.prepared.extras["generation"]
+    match, texts = lm.generation_metric(exp.env.model, state.trainable, exp.env.base, gen["prompts"],
+                                        gen["references"], tokenizer=exp.prepared.extras["tokenizer"],
+                                        extractor=lambda a, b: True, max_new_tokens=6, batch_size=2)
+    assert len(texts) == 3 and match == 1.0

@@ -234,18 +234,19 @@ def _instruct_splits(cfg):
 
     d = cfg.data
     if d.task == "instruct":
-        from hfl_jax.data.instruct import load_instruct
-        full = load_instruct(d.instruct, "train")
+        from hfl_jax.data.instruct import instruct_spec, load_instruct
+        spec = instruct_spec(d.instruct)
+        full = load_instruct(spec, "train")
         rows, valid_rows = training_rows(cfg, len(full))
         train = full if len(rows) == len(full) else full.take(rows)
-        if d.evaluate == "validation" or d.instruct.validation is None:
+        if d.evaluate == "validation" or spec.validation is None:
             if d.evaluate != "validation" and not len(valid_rows):
                 from hfl_jax.data.tasks import DataError
                 raise DataError(f"data.instruct has no validation file and data.validation_size is 0: "
                                 f"nothing to evaluate on (set one of them)")
             evaluation = full.take(valid_rows)
         else:
-            evaluation = load_instruct(d.instruct, "validation")
+            evaluation = load_instruct(spec, "validation")
         sub = eval_subset(cfg, len(evaluation))
         return train, (evaluation if sub is None else evaluation.take(sub)), False
     from hfl_jax.data.instruct import classification_as_instruct
@@ -266,7 +267,7 @@ def prepare(cfg, start_model: Callable) -> Prepared:
 
     d, ev = cfg.data, cfg.evaluation
     train, evaluation, as_labels = _instruct_splits(cfg)
-    template = d.instruct.template if d.task == "instruct" else "auto"
+    template = d.instruct.get("template", "auto") if d.task == "instruct" else "auto"
     from hfl_jax.data.instruct import builtin_prompt
     inputs = train.inputs or [""] * len(train.prompts)
     corpus = [builtin_prompt(p, i, train.system) for p, i in zip(train.prompts, inputs)] + list(train.responses)
