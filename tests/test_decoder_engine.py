@@ -285,3 +285,39 @@ def test_gsm8k_instruction_run_with_generation_exact_match(tmp_path):
                                         gen["references"], tokenizer=exp.prepared.extras["tokenizer"],
                                         extractor=lambda a, b: True, max_new_tokens=6, batch_size=2)
     assert len(texts) == 3 and match == 1.0
+
+
+def test_frozen_base_is_not_copied_per_device():
+    """XLA's memory analysis of a decoder group round for M = 1 and 4 devices (abstract shapes,
+    nothing allocated): arguments grow by the per-device inputs only, temporaries by per-device
+    adapters, optimizer state and activations (logits included), far below a copy of the base."""
+    import optax
+    from hfl_jax.data import make_device_data
+    from hfl_jax.fed.engine import make_group_round
+    from hfl_jax.fed.local import base_of
+
+    T, N_MAX, E, B, V = 8, 4, 2, 2, 8192
+    cfg = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=256, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=64, intermediate_size=256, max_position_embeddings=64)
+    model = DecoderModel(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+    lora = jax.eval_shape(lambda: init_lora(jax.random.PRNGKey(1), cfg, LoRAConfig(2, 4, ("q_proj", "v_proj"))))
+    base = base_of(params)
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    group_round = make_group_round(model, optax.adam(1e-3), depth=1, local_steps=E, batch_size=B, n_max=N_MAX)
+    stats, per_in = {}, None
+    for m in (1, 4):
+        n = m * N_MAX
+        tok = {"input_ids": np.ones((n, T), np.int32), "attention_mask": np.ones((n, T), np.int32),
+               "token_type_ids": np.zeros((n, T), np.int32), "labels": np.ones((n, T), np.int32)}
+        data = make_device_data(tok, [np.arange(d * N_MAX, (d + 1) * N_MAX) for d in range(m)])
+        data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
+        per_in = nbytes(data) // m + 8
+        ids, w = jax.ShapeDtypeStruct((m,), jnp.int32), jax.ShapeDtypeStruct((m,), jnp.float32)
+        stats[m] = group_round.lower({"lora": lora}, base, data, ids, w, jax.random.PRNGKey(0)).compile().memory_analysis()
+    grow = lambda f: (getattr(stats[4], f) - getattr(stats[1], f)) / 3
+    base_bytes = nbytes(base)
+    print(f"\ndecoder base {base_bytes} B; per added device: argument {grow('argument_size_in_bytes'):.0f} B, "
+          f"temp {grow('temp_size_in_bytes'):.0f} B")
+    assert 0 < grow("argument_size_in_bytes") <= per_in
+    assert 0 < grow("temp_size_in_bytes") < 0.5 * base_bytes
