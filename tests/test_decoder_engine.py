@@ -321,3 +321,34 @@ def test_frozen_base_is_not_copied_per_device():
           f"temp {grow('temp_size_in_bytes'):.0f} B")
     assert 0 < grow("argument_size_in_bytes") <= per_in
     assert 0 < grow("temp_size_in_bytes") < 0.5 * base_bytes
+
+
+def test_user_checkpoint_config_runs_on_a_local_checkpoint(tmp_path):
+    """experiments/configs/decoder/gsm8k.yaml with model.name a local transformers checkpoint (a tiny
+    random Llama saved by transformers, its tokenizer beside it): the user path end to end, one round."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.test_instruct import gsm8k_dir
+    from hfl_jax.data.instruct import build_tokenizer
+
+    gsm8k_dir()
+    tok = build_tokenizer(["Natalia sold clips to 48 of her friends", "#### 72", "How many"], vocab_size=300)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+    ckpt = tmp_path / "ckpt"
+    hf.save_pretrained(ckpt, safe_serialization=True)
+    tok.save_pretrained(ckpt)
+    out = tmp_path / "run"
+    r = hfl("run", ROOT / "experiments/configs/decoder/gsm8k.yaml", "--set", f"model.name={ckpt}",
+            "--set", "data.train_subset=32", "--set", "data.eval_subset=4", "--set", "data.max_length=96",
+            "--set", "train.rounds=1", "--set", "train.local_steps=1", "--set", "partition.num_devices=4",
+            "--set", "evaluation.generate=2", "--set", "evaluation.max_new_tokens=4", "--set", "train.eval_batch_size=4",
+            "--out", out, "--quiet", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    rec = _records(out)[-1]
+    assert {"eval_exact_match", "eval_perplexity", "eval_token_accuracy"} <= set(rec)
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
