@@ -480,10 +480,11 @@ def family_of_name(name: str) -> str | None:
     """A model's ``model_type`` when its name alone tells (``tiny``, ``tiny-decoder``, an alias, a
     known encoder checkpoint); ``None`` when only its ``config.json`` can."""
     from hfl_jax.models.hub import ALIASES
+    from hfl_jax.models.tiny import TINY_MODELS
 
-    if name == "tiny-decoder":
-        return "llama"
-    if name == "tiny" or name in ALIASES or name in KNOWN_LAYERS:
+    if name in TINY_MODELS:
+        return TINY_MODELS[name][1]
+    if name in ALIASES or name in KNOWN_LAYERS:
         return "bert"
     return None
 
@@ -560,7 +561,9 @@ def check_model_name(name: str, key: str = "model.name") -> None:
     """``name`` is ``tiny``, an alias, an existing model directory, or shaped like a hub id."""
     from hfl_jax.models.hub import ALIASES
 
-    if name in ("tiny", "tiny-decoder") and key == "model.name" or name in ALIASES:
+    from hfl_jax.models.tiny import TINY_MODELS
+
+    if name in TINY_MODELS and key == "model.name" or name in ALIASES:
         return
     path = Path(name).expanduser()
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
@@ -583,7 +586,9 @@ def _model_json(cfg: ExperimentConfig) -> dict | None:
     """The model's config.json without loading weights (None for ``tiny`` or when unreachable)."""
     import json
 
-    if cfg.model.name in ("tiny", "tiny-decoder"):
+    from hfl_jax.models.tiny import TINY_MODELS
+
+    if cfg.model.name in TINY_MODELS:
         return None
     try:
         from hfl_jax.models.hub import resolve_model_dir
@@ -596,7 +601,9 @@ def model_num_layers(cfg: ExperimentConfig) -> int | None:
     """Layer count from the model's config.json without loading weights (None if unreachable).
     Also checks ``model.name`` and ``lora.targets`` against the model's family."""
     check_model_name(cfg.model.name)
-    if cfg.model.name in ("tiny", "tiny-decoder"):
+    from hfl_jax.models.tiny import TINY_MODELS
+
+    if cfg.model.name in TINY_MODELS:
         return cfg.model.tiny.num_layers
     if cfg.model.name in KNOWN_LAYERS:
         return KNOWN_LAYERS[cfg.model.name]

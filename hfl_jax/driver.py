@@ -39,6 +39,7 @@ from hfl_jax.files import write_atomic
 from hfl_jax.report import record_totals
 from hfl_jax.data.splits import training_rows  # noqa: F401  (re-exported)
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
+from hfl_jax.models.tiny import TINY_MODELS
 from hfl_jax.objectives import Prepared, objective_for
 from hfl_jax.objectives.classification import load_text, tokenize_text  # noqa: F401  (re-exported)
 
@@ -79,22 +80,9 @@ def build_model(cfg: ExperimentConfig, num_labels: int = 2, vocab_size: int | No
     The layer loop is unrolled as ``model.unroll`` says (``auto``: :func:`auto_unroll`).
     """
     dtype = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
-    if cfg.model.name == "tiny-decoder":
-        from hfl_jax.models.decoder import DecoderConfig, DecoderModel
-        t = cfg.model.tiny
-        model = DecoderModel(DecoderConfig(
-            model_type="llama", vocab_size=int(vocab_size or t.vocab_size), hidden_size=t.hidden_size,
-            num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads or t.num_heads,
-            head_dim=t.hidden_size // t.num_heads, intermediate_size=t.intermediate_size,
-            max_position_embeddings=max(512, 2 * cfg.data.max_length), tie_word_embeddings=True),
-            compute_dtype=dtype)
-        params = _compiled_init(model)(jax.random.PRNGKey(cfg.seed))
-    elif cfg.model.name == "tiny":
-        t = cfg.model.tiny
-        ecfg = EncoderConfig(model_type="bert", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                             num_layers=t.num_layers, num_heads=t.num_heads, intermediate_size=t.intermediate_size,
-                             max_position_embeddings=max(512, cfg.data.max_length), num_labels=num_labels)
-        model = EncoderModel(ecfg, compute_dtype=dtype)
+    if cfg.model.name in TINY_MODELS:
+        model = TINY_MODELS[cfg.model.name][0](cfg.model.tiny, max_length=cfg.data.max_length, num_labels=num_labels,
+                                               vocab_size=vocab_size, compute_dtype=dtype)
         params = _compiled_init(model)(jax.random.PRNGKey(cfg.seed))
     else:
         import warnings

@@ -36,14 +36,13 @@ def objective_of(model):
 def model_kind(name: str) -> str:
     """``"decoder"`` or ``"encoder"`` for a ``model.name``: ``tiny`` (random BERT), ``tiny-decoder``
     (random Llama), a packaged alias, or a checkpoint directory / hub id whose ``config.json`` says."""
-    if name == "tiny-decoder":
-        return "decoder"
-    if name == "tiny":
-        return "encoder"
     import json
 
     from hfl_jax.models.families import is_decoder_type
     from hfl_jax.models.hub import resolve_model_dir
+    from hfl_jax.models.tiny import TINY_MODELS
+    if name in TINY_MODELS:
+        return "decoder" if is_decoder_type(TINY_MODELS[name][1]) else "encoder"
     model_type = json.loads((resolve_model_dir(name) / "config.json").read_text()).get("model_type")
     return "decoder" if is_decoder_type(model_type) else "encoder"
 

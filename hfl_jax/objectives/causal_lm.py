@@ -211,7 +211,8 @@ def load_tokenizer(cfg, texts):
     (:func:`hfl_jax.data.instruct.build_tokenizer`: deterministic, offline)."""
     from hfl_jax.data.instruct import build_tokenizer, special_ids
 
-    name = cfg.data.tokenizer or (None if cfg.model.name == "tiny-decoder" else cfg.model.name)
+    from hfl_jax.models.tiny import TINY_MODELS
+    name = cfg.data.tokenizer or (None if cfg.model.name in TINY_MODELS else cfg.model.name)
     if name is None:
         tok = build_tokenizer(texts, vocab_size=cfg.model.tiny.vocab_size)
     else:

@@ -100,7 +100,8 @@ def tokenize_text(cfg, *datasets) -> list[dict]:
     from hfl_jax.data import tokenize_dataset
 
     d = cfg.data
-    tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name == "tiny" else cfg.model.name)
+    from hfl_jax.models.tiny import TINY_MODELS
+    tokenizer = d.tokenizer or ("minilm-l6" if cfg.model.name in TINY_MODELS else cfg.model.name)
     return [tokenize_dataset(ds, tokenizer, d.max_length) for ds in datasets]
 
 
