@@ -163,6 +163,15 @@ class BanditConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupingConfig:
+    """What devices upload for grouping (docs/algorithm.md, "Grouping without label histograms")."""
+    signal: str = "labels"              # labels: label histograms, KL; embedding: mean frozen-model embedding, cosine
+    mechanism: str = "none"             # none | laplace | gaussian: local DP noise on each label histogram
+    epsilon: float = math.inf           # every device's privacy budget (.inf: no noise, the plain grouping)
+    delta: float = 1e-5                 # gaussian only: (epsilon, delta)-DP, analytic Gaussian mechanism
+
+
+@dataclasses.dataclass(frozen=True)
 class HetLoRAConfig:
     # ranks by device capability tier (slow -> fast), each <= lora.rank; null: derived from lora.rank,
     # (r//4, r//2, r) deduplicated (hfl_jax.algos.hetlora.default_ranks; (2, 4, 8) for rank 8)
@@ -188,6 +197,7 @@ class AlgorithmConfig:
     num_groups: int = 4
     lam: float = 0.0                    # grouping: weight of the speed-spread term
     sample_balance: float = 0.0         # grouping: weight of the sample-balance term (0: the paper's objective)
+    grouping: GroupingConfig = GroupingConfig()   # grouping signal and its privacy
     depths: Optional[tuple[int, ...]] = None   # depth grid (None: 1, 2, 4, ... up to L, and L)
     taus: tuple[int, ...] = (1, 2, 3)   # intra-group aggregation frequencies
     fixed_depth: Optional[int] = None   # hierfedlora_fixed (None: L // 2)
@@ -423,6 +433,7 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.bandit.probe_holdout >= 0, "algorithm.bandit.probe_holdout", f"must be >= 0, got {a.bandit.probe_holdout}")
     _require(math.isfinite(a.sample_balance) and a.sample_balance >= 0, "algorithm.sample_balance",
              f"must be a finite number >= 0, got {a.sample_balance}")
+    _check_grouping(a)
     _require(len(a.taus) > 0 and min(a.taus) >= 1, "algorithm.taus", "must be a non-empty list of ints >= 1")
     _require(a.depths is None or len(a.depths) > 0, "algorithm.depths",
              "the arm grid is empty; list depths (e.g. [2, 4]) or omit the key for the default 1, 2, 4, ..., L")
@@ -474,6 +485,25 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
                      f"depth {a.fixed_depth} is outside [1, {num_layers}] (the model has {num_layers} layers)")
         ALGORITHMS[a.name](cfg, num_layers)   # raises ConfigError for settings the algorithm cannot use
     return cfg
+
+
+def _check_grouping(a: AlgorithmConfig) -> None:
+    """``algorithm.grouping``: known signal and mechanism, epsilon > 0, delta in (0, 1), noise only on labels."""
+    from hfl_jax.algos.privacy import MECHANISMS
+
+    g = a.grouping
+    _require(g.signal in ("labels", "embedding"), "algorithm.grouping.signal",
+             f"one of labels, embedding; got {g.signal!r}")
+    _require(g.mechanism in MECHANISMS, "algorithm.grouping.mechanism",
+             f"one of {', '.join(MECHANISMS)}; got {g.mechanism!r}")
+    _require(not math.isnan(g.epsilon) and g.epsilon > 0, "algorithm.grouping.epsilon",
+             f"must be > 0 (.inf: no noise), got {g.epsilon}")
+    _require(0 < g.delta < 1, "algorithm.grouping.delta", f"must be in (0, 1), got {g.delta}")
+    _require(g.signal == "labels" or g.mechanism == "none", "algorithm.grouping.mechanism",
+             f"noise applies to label histograms (signal: labels), not to signal: {g.signal}")
+    _require(g.signal == "labels" or a.name.startswith("hierfedlora") and a.name != "hierfedlora_random_groups",
+             "algorithm.grouping.signal", f"embedding is read by the KL-grouping algorithms (hierfedlora, "
+             f"hierfedlora_full_depth, _random_arm, _fixed), not by {a.name!r}")
 
 
 def family_of_name(name: str) -> str | None:

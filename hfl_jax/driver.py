@@ -253,6 +253,15 @@ def workload(cfg: ExperimentConfig) -> Workload:
                     cloud_latency=cfg.devices.cloud_latency, two_tier=cfg.devices.two_tier)
 
 
+def grouping_inputs(cfg: ExperimentConfig, model, params, train: dict, parts) -> dict:
+    """What the algorithm's ``group`` gets besides the label counts: with ``algorithm.grouping.signal:
+    embedding`` each device's mean frozen-model embedding (:func:`hfl_jax.fed.signals.mean_embeddings`)."""
+    if cfg.algorithm.grouping.signal != "embedding":
+        return {}
+    from hfl_jax.fed.signals import mean_embeddings
+    return {"embeddings": mean_embeddings(model, base_of(params), train, parts, batch_size=cfg.train.eval_batch_size)}
+
+
 def build(cfg: ExperimentConfig) -> Experiment:
     """Everything deterministic from the config: model, data, partition, profiles, groups, state 0."""
     from hfl_jax.data import make_device_data
@@ -274,7 +283,8 @@ def build(cfg: ExperimentConfig) -> Experiment:
     for d in algorithm.depths:
         if not 1 <= d <= model.num_layers:
             raise ValueError(f"algorithm.depths: depth {d} is outside [1, {model.num_layers}]")
-    assignment = np.asarray(algorithm.group(label_counts, profiles["flops"], sub_seed(cfg.seed, SALT_GROUPS)))
+    assignment = np.asarray(algorithm.group(label_counts, profiles["flops"], sub_seed(cfg.seed, SALT_GROUPS),
+                                            **grouping_inputs(cfg, model, params, train, parts)))
     num_groups = int(assignment.max()) + 1
     mesh = make_mesh() if (cfg.train.shard and len(jax.devices()) > 1) else None
     axis = DeviceAxis(mesh, cfg.train.chunk_size)
@@ -624,6 +634,19 @@ def resume(out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
     return _finish(out_dir, summary, started, plots)
 
 
+def grouping_record(cfg: ExperimentConfig) -> dict:
+    """partition.json's ``grouping``: the signal and privacy mechanism the groups were built from
+    (``epsilon`` null: no noise; ``noise_scale``: the Laplace b or Gaussian sigma of each count)."""
+    from hfl_jax.algos.privacy import noise_scale
+
+    g = cfg.algorithm.grouping
+    noisy = g.signal == "labels" and g.mechanism != "none" and np.isfinite(g.epsilon)
+    return {"signal": g.signal, "mechanism": g.mechanism if noisy else "none",
+            "epsilon": float(g.epsilon) if noisy else None,
+            "delta": float(g.delta) if noisy and g.mechanism == "gaussian" else None,
+            "noise_scale": float(noise_scale(g.mechanism, g.epsilon, g.delta)) if noisy else 0.0}
+
+
 def write_partition(exp: Experiment, out_dir: Path, plot: bool = True) -> dict:
     """partition.json (per-device sizes, label histograms, KL; per-group KL and sizes) and, with
     ``plot``, partition.png."""
@@ -634,7 +657,8 @@ def write_partition(exp: Experiment, out_dir: Path, plot: bool = True) -> dict:
         plot_partition(report, out_dir / "partition.png", class_names=list(exp.label_names))
     groups = grouping_lib.group_report(exp.label_counts, exp.env.assignment, speeds=exp.env.profiles["flops"])
     info = {"devices": report.to_dict(), "groups": ckpt.to_json(groups),
-            "assignment": exp.env.assignment.tolist()}
+            "assignment": exp.env.assignment.tolist(),
+            "grouping": grouping_record(exp.cfg)}
     (out_dir / "partition.json").write_text(json.dumps(ckpt.to_json(info), indent=1))
     return info
 

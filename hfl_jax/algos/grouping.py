@@ -23,13 +23,18 @@ objective) keeps groups from differing much in samples: on skewed partitions the
 data term alone can put most samples in one group (group sizes bound devices, not
 samples). It is K times the squared deviation of each group's sample share from 1/K.
 
+The same greedy K-means runs on another per-device signal through a distance to
+the global signal (:class:`Signal`): :func:`group_by_embedding` replaces KL(q_k || q)
+by the cosine distance between a group's sample-weighted mean embedding and the
+global one (docs/algorithm.md, "Grouping without label histograms").
+
 All functions are pure: they take explicit seeds and return new arrays.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -74,18 +79,60 @@ def _kl_rows(counts: np.ndarray, q: np.ndarray) -> np.ndarray:
   return np.where(n[..., 0] > 0, kl, 0.0)
 
 
-def _data_term(counts: np.ndarray, q: np.ndarray, n_total: float) -> np.ndarray:
-  """(n_k / n) * KL(q_k || q) per group; counts [..., C] -> [...]."""
-  if n_total <= 0:
+def _data_term(counts: np.ndarray, sig: "Signal") -> np.ndarray:
+  """(n_k / n) * distance_k per group (labels: KL(q_k || q)); pooled rows [..., D] -> [...]."""
+  if sig.n_total <= 0:
     return np.zeros(counts.shape[:-1])
-  return counts.sum(axis=-1) / n_total * _kl_rows(counts, q)
+  return sig.samples(counts) / sig.n_total * sig.distance(counts)
 
 
-def _balance_term(counts: np.ndarray, n_total: float, k: int) -> np.ndarray:
-  """K * (n_k / n - 1 / K)^2 per group; counts [..., C] -> [...]."""
-  if n_total <= 0:
+def _balance_term(counts: np.ndarray, sig: "Signal", k: int) -> np.ndarray:
+  """K * (n_k / n - 1 / K)^2 per group; pooled rows [..., D] -> [...]."""
+  if sig.n_total <= 0:
     return np.zeros(counts.shape[:-1])
-  return k * (counts.sum(axis=-1) / n_total - 1.0 / k) ** 2
+  return k * (sig.samples(counts) / sig.n_total - 1.0 / k) ** 2
+
+
+class Signal(NamedTuple):
+  """What the greedy K-means groups on: per-device rows that add up when devices are pooled.
+
+  ``x`` [N, D] float64 rows; ``samples(rows [..., D]) -> [...]`` the samples behind pooled
+  rows; ``distance(rows [..., D]) -> [...]`` the divergence of pooled rows from the global
+  pool (0 for rows without samples); ``n_total`` all samples. The data term of a group is
+  ``samples / n_total * distance``.
+  """
+  x: np.ndarray
+  samples: Callable[[np.ndarray], np.ndarray]
+  distance: Callable[[np.ndarray], np.ndarray]
+  n_total: float
+
+
+def label_signal(x: np.ndarray) -> Signal:
+  """Label counts [N, C] with KL(q_k || q) (the module docstring's objective)."""
+  q = _global_dist(x)
+  return Signal(x, lambda rows: rows.sum(axis=-1), lambda rows: _kl_rows(rows, q), float(x.sum()))
+
+
+def _cosine_rows(rows: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """1 - cos(row, ref) for rows [..., H] -> [...]; 0 for zero rows (or a zero ``ref``)."""
+  norms = np.linalg.norm(rows, axis=-1) * np.linalg.norm(ref)
+  dots = rows @ ref
+  return np.where(norms > 0, 1.0 - dots / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def embedding_signal(embeddings: np.ndarray, samples: np.ndarray) -> Signal:
+  """Mean embeddings [N, H] weighted by samples [N]: rows ``[n_i e_i, n_i]`` pool to a group's
+  sample sum, and the distance is the cosine distance of the group's mean embedding to the
+  global mean embedding (cosine ignores the scale, so sums serve as means)."""
+  e = np.asarray(embeddings, np.float64)
+  w = np.asarray(samples, np.float64)
+  if e.ndim != 2 or w.shape != (e.shape[0],):
+    raise ValueError(f"embeddings must be [N, H] and samples [N], got {e.shape} and {w.shape}")
+  if not np.all(np.isfinite(e)) or not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError("embeddings must be finite and samples finite and non-negative")
+  x = np.concatenate([e * w[:, None], w[:, None]], axis=1)
+  ref = x[:, :-1].sum(axis=0)
+  return Signal(x, lambda rows: rows[..., -1], lambda rows: _cosine_rows(rows[..., :-1], ref), float(w.sum()))
 
 
 def _speed_term(sizes, s1, s2, n_devices: int) -> np.ndarray:
@@ -222,15 +269,14 @@ def group_report(label_counts: np.ndarray, assignment: np.ndarray,
     raise ValueError(f"assignment values must lie in [0, {k})")
   logs = _log_speeds(speeds, n)
   st = _stats(x, logs, a, k)
-  q = _global_dist(x)
-  n_total = float(x.sum())
-  kl = _kl_rows(st.counts, q)
-  data = float(_data_term(st.counts, q, n_total).sum())
+  sig = label_signal(x)
+  kl = sig.distance(st.counts)
+  data = float(_data_term(st.counts, sig).sum())
   spread_w = _speed_term(st.sizes, st.s1, st.s2, n)
   safe = np.maximum(st.sizes, 1)
   spread = np.sqrt(np.maximum(st.s2 / safe - (st.s1 / safe) ** 2, 0.0))
   speed = float(spread_w.sum())
-  bal = float(_balance_term(st.counts, n_total, k).sum())
+  bal = float(_balance_term(st.counts, sig, k).sum())
   return {
       "sizes": st.sizes,
       "samples": st.counts.sum(axis=1),
@@ -297,6 +343,39 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
     ValueError: bad shapes, negative counts, K < 1, K > N, infeasible bounds.
   """
   x = _check_counts(label_counts)
+  return _greedy_kmeans(label_signal(x), num_groups, speeds=speeds, lam=lam, balance=balance,
+                        min_size=min_size, max_size=max_size, max_iters=max_iters, seed=seed)
+
+
+def group_by_embedding(embeddings: np.ndarray, samples: np.ndarray, num_groups: int, *,
+                       speeds: np.ndarray | None = None, lam: float = 0.0, balance: float = 0.0,
+                       min_size: int | None = None, max_size: int | None = None,
+                       max_iters: int = 100, seed: int = 0) -> np.ndarray:
+  """:func:`group_devices` on mean embeddings instead of label counts (no labels uploaded).
+
+  The data term of a group is (n_k / n) * (1 - cos(e_k, e)), e_k the group's
+  sample-weighted mean embedding and e the global one; seeds, greedy fill and
+  refinement are those of :func:`group_devices` with this term.
+
+  Args:
+    embeddings: [N, H] each device's mean frozen-model embedding
+      (:func:`hfl_jax.fed.signals.mean_embeddings`); rows of empty devices are ignored.
+    samples: [N] each device's number of examples (its weight in the pooled mean).
+    num_groups, speeds, lam, balance, min_size, max_size, max_iters, seed: as
+      :func:`group_devices`.
+
+  Returns:
+    assignment [N] int64 with values in [0, K).
+  """
+  return _greedy_kmeans(embedding_signal(embeddings, samples), num_groups, speeds=speeds, lam=lam,
+                        balance=balance, min_size=min_size, max_size=max_size, max_iters=max_iters,
+                        seed=seed)
+
+
+def _greedy_kmeans(sig: Signal, num_groups, *, speeds, lam, balance, min_size, max_size, max_iters,
+                   seed) -> np.ndarray:
+  """The procedure of :func:`group_devices` on any :class:`Signal`."""
+  x = sig.x
   n = x.shape[0]
   k = _check_k(num_groups, n)
   logs = _log_speeds(speeds, n)
@@ -305,21 +384,19 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
     return np.zeros(n, np.int64)
   lam, balance = float(lam), float(balance)
   rng = np.random.default_rng(seed)
-  q = _global_dist(x)
-  n_total = float(x.sum())
 
   def term(counts, sizes, s1, s2):
-    out = _data_term(counts, q, n_total)
+    out = _data_term(counts, sig)
     if lam != 0.0:
       out = out + lam * _speed_term(sizes, s1, s2, n)
     if balance != 0.0:
-      out = out + balance * _balance_term(counts, n_total, k)
+      out = out + balance * _balance_term(counts, sig, k)
     return out
 
   # 1-2. Seed with the most skewed devices, then greedy fill. Sample-weighted
   # skew: ordering by plain KL made the greedy start worse than random on
   # Dirichlet(0.1) splits (tiny pure devices first, big ones placed late).
-  skew = x.sum(axis=1) * _kl_rows(x, q)
+  skew = sig.samples(x) * sig.distance(x)
   order = np.lexsort((rng.random(n), -skew))
   a = np.full(n, -1, np.int64)
   st = _GroupStats(np.zeros((k, x.shape[1])), np.zeros(k, np.int64),

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from hfl_jax.algos import grouping as grouping_lib
+from hfl_jax.algos import privacy
 from hfl_jax.algos import stages
 from hfl_jax.algos.api import AlgoState, FedAlgorithm
 from hfl_jax.algos.rucb import make_arms
@@ -34,15 +35,31 @@ def default_depths(num_layers: int) -> tuple[int, ...]:
 
 def kl_groups(acfg):
     """Greedy K-means on label KL (plus ``lam`` x speed spread and ``sample_balance`` x sample
-    imbalance) into ``acfg.num_groups`` groups."""
-    return lambda label_counts, speeds, seed: grouping_lib.group_devices(
-        label_counts, acfg.num_groups, speeds=speeds, lam=acfg.lam, balance=acfg.sample_balance, seed=seed)
+    imbalance) into ``acfg.num_groups`` groups. ``acfg.grouping`` (docs/algorithm.md, "Grouping
+    without label histograms"): with ``signal: labels`` each device's histogram first goes through
+    its privacy ``mechanism`` (:func:`hfl_jax.algos.privacy.private_label_counts`, noise seeded by
+    the grouping seed); with ``signal: embedding`` the K-means runs on the devices' mean embeddings
+    (``embeddings`` [N, H], weighted by the label counts' row sums) with the cosine distance."""
+    g = getattr(acfg, "grouping", None)
+
+    def group(label_counts, speeds, seed, embeddings=None):
+        kw = dict(speeds=speeds, lam=acfg.lam, balance=acfg.sample_balance, seed=seed)
+        if g is not None and g.signal == "embedding":
+            if embeddings is None:
+                raise ValueError("algorithm.grouping.signal: embedding needs the devices' mean embeddings")
+            return grouping_lib.group_by_embedding(embeddings, np.asarray(label_counts).sum(axis=1),
+                                                   acfg.num_groups, **kw)
+        if g is not None:
+            label_counts = privacy.private_label_counts(label_counts, g.mechanism, g.epsilon, g.delta, seed=seed)
+        return grouping_lib.group_devices(label_counts, acfg.num_groups, **kw)
+
+    return group
 
 
 def random_groups_of(acfg):
     """Balanced random groups of ``acfg.num_groups``."""
-    return lambda label_counts, speeds, seed: grouping_lib.random_groups(len(label_counts), acfg.num_groups,
-                                                                         seed=seed)
+    return lambda label_counts, speeds, seed, embeddings=None: grouping_lib.random_groups(
+        len(label_counts), acfg.num_groups, seed=seed)
 
 
 def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgorithm:
