@@ -34,6 +34,41 @@ def test_no_code_switches_on_an_algorithm_selector_or_aggregator_name():
     assert not hits, "behaviour chosen by comparing names (use a registry entry instead):\n" + "\n".join(hits)
 
 
+# The only modules that may compare model type names: each family's own modules, for its quirks.
+FAMILY_MODULES = {
+    "hfl_jax/models/bert.py",           # RoBERTa's position ids and head beside BERT's
+    "hfl_jax/models/deberta.py",        # DeBERTa v1 against v2/v3
+    "hfl_jax/models/decoder.py",        # Llama, Qwen2, Mistral config layouts and biases
+    "hfl_jax/models/config.py",         # the encoder config: per-type defaults, RoBERTa's position offset
+    "hfl_jax/models/encoder_cost.py",   # DeBERTa's relative-position cost terms
+    "hfl_jax/export.py",                # export layouts: being moved into the families
+}
+
+
+def _model_type_hits():
+    from hfl_jax.models.families import MODEL_TYPES
+    assert set(MODEL_TYPES) >= {"bert", "roberta", "deberta", "deberta-v2", "llama", "qwen2", "mistral"}
+    pattern = _name_comparisons(MODEL_TYPES)
+    assert pattern.search('cfg.model_type in ("bert", "roberta")') and pattern.search("mt.startswith('deberta')")
+    return [(str(p.relative_to(PACKAGE.parent)), f"{p.relative_to(PACKAGE.parent)}:{i}: {line.strip()}")
+            for p in sorted(PACKAGE.rglob("*.py")) for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+
+
+def test_no_code_outside_the_model_families_switches_on_a_model_type():
+    """The engine, data, objectives, time model and driver ask the family (a ``Family`` field, a config
+    property, the config's ``cost_model``), never compare ``model_type`` names."""
+    hits = [hit for path, hit in _model_type_hits() if path not in FAMILY_MODULES]
+    assert not hits, ("behaviour chosen by comparing model type names outside the family modules (ask the "
+                      "family: a Family field, a model config property, its cost_model):\n" + "\n".join(hits))
+
+
+def test_every_listed_family_module_still_compares_model_types():
+    """FAMILY_MODULES shrinks as modules stop needing it (as KNOWN_CYCLE_EDGES in test_imports)."""
+    unused = FAMILY_MODULES - {path for path, _ in _model_type_hits()}
+    assert not unused, f"delete these from FAMILY_MODULES (no model type comparison left): {sorted(unused)}"
+
+
 def test_config_validation_reads_the_registries():
     from hfl_jax.config import ConfigError, load_config
     smoke = Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml"

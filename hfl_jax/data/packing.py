@@ -49,9 +49,10 @@ class PackSpec(NamedTuple):
 
 
 def position_offset(model_cfg) -> int:
-    """The position id of a sequence's first token in an encoder config's numbering (RoBERTa counts
-    from ``pad_token_id + 1``, BERT from 0)."""
-    return model_cfg.pad_token_id + 1 if model_cfg.model_type == "roberta" else 0
+    """The position id of a sequence's first token, as the model config numbers positions
+    (``model_cfg.position_offset``: RoBERTa counts from ``pad_token_id + 1``, BERT and the decoders
+    from 0)."""
+    return model_cfg.position_offset
 
 
 def first_fit_decreasing(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -1,26 +1,43 @@
 """Analytic cost model of one federated round on simulated devices (host-side, numpy).
 
 HierFedLoRA (arXiv 2503.21213) gives each device a fine-tuning depth ``d``:
-the device runs the full forward pass of an ``L``-layer encoder but back-
+the device runs the full forward pass of an ``L``-layer model but back-
 propagates only through the top ``d`` layers and trains (and exchanges) only
-their LoRA adapters plus the classification head. This module turns such a
-workload into FLOPs, bytes and seconds so that simulated heterogeneous devices
-(`profiles.DeviceProfile`) have realistic, depth-dependent round times.
+their LoRA adapters plus the classification head (if the family has one). This
+module turns such a workload into FLOPs, bytes and seconds so that simulated
+heterogeneous devices (`profiles.DeviceProfile`) have realistic, depth-dependent
+round times.
 
 FLOPs count matrix multiplications only, as XLA's cost analysis counts them:
 ``2 * m * k * n`` for an ``[m, k] @ [k, n]`` product. The backward pass counts
 exactly the products JAX emits when the bottom ``L - d`` layers run under
-``lax.stop_gradient`` and the base weights are not differentiated: a frozen
-weight in ``y = x W`` costs one product (``dx = dy W^T``), and only when ``x``
-depends on trained parameters; a LoRA pair costs ``dB``, ``dy B^T``, ``dA`` and,
-again only when ``x`` is live, ``dx``. Elementwise work (layer norm, softmax,
-GELU, residuals, scaling) and embedding gathers are not counted. See
-docs/time_model.md for every formula and assumption.
+``lax.stop_gradient`` and the base weights are not differentiated. Elementwise
+work and embedding gathers are not counted. See docs/time_model.md for every
+formula and assumption.
 
-``cfg`` is any object with ``model_type``, ``hidden_size``, ``num_layers``,
-``num_heads``, ``intermediate_size`` and ``num_labels`` (e.g.
-``hfl_jax.models.config.EncoderConfig``); optional fields are read with
-``getattr`` and the defaults named where they are used.
+Each model family owns its formulas; this module validates the arguments, asks
+the family (:func:`family_cost`: a model config's ``cost_model``) and adds the
+family-independent parts (LoRA parameter counts and bytes, memory totals,
+seconds):
+
+* encoders (BERT, RoBERTa, DeBERTa v1/v2/v3): :mod:`hfl_jax.models.encoder_cost`
+  (its per-piece helpers, ``projection_flops`` ... ``relative_span``, are
+  re-exported here);
+* decoder LLMs (Llama, Qwen2, Mistral): :mod:`hfl_jax.models.decoder_cost`.
+
+A family's cost module supplies ``forward_flops(cfg, B, T, r, targets)``,
+``backward_flops(cfg, B, T, d, r, targets)``, ``layer_forward_flops``,
+``layer_backward_flops(..., input_live)``, ``base_param_count(cfg)``,
+``layer_activation_floats(cfg, B, T, r, targets)`` and ``logits_floats(cfg, B, T)``;
+a family with a trained classification head also ``head_param_count(cfg,
+num_labels)`` and a ``num_labels`` keyword on the two FLOP counts (a family
+without one trains and exchanges LoRA only).
+
+``cfg`` is a model config (``hfl_jax.models.config.EncoderConfig``,
+``hfl_jax.models.decoder.DecoderConfig``) or a stand-in for an encoder config
+with only ``model_type``, ``hidden_size``, ``num_layers``, ``num_heads``,
+``intermediate_size`` and ``num_labels`` (the encoder formulas read optional
+fields with ``getattr``).
 """
 
 from __future__ import annotations
@@ -31,43 +48,48 @@ from typing import Any
 import numpy as np
 
 from hfl_jax.fed.profiles import DeviceProfile, profiles_to_arrays
-
-TARGET_NAMES = ("query", "key", "value", "attention_output", "intermediate", "output")
-DEFAULT_TARGETS = ("query", "value")
-MODEL_TYPES = ("bert", "roberta", "deberta", "deberta-v2")
-
-# Floats kept per trained layer for the backward pass (rough; see memory_needed):
-# per token, ACT_HIDDEN vectors of size H (layer input, q, k, v, attention
-# context, attention output before its layer norm, its normalised output, FFN
-# output before the last layer norm) and ACT_INTERMEDIATE of size I (GELU input
-# and output); per head, ACT_SCORES [T, T] maps (softmax output and its input or
-# a dropout mask).
-ACT_HIDDEN = 8
-ACT_INTERMEDIATE = 2
-ACT_SCORES = 2
+from hfl_jax.models import encoder_cost
+from hfl_jax.models.config import SUPPORTED_MODEL_TYPES as MODEL_TYPES
+# Re-exported: the encoders' constants and per-piece formulas (their home is encoder_cost).
+from hfl_jax.models.encoder_cost import (ACT_HIDDEN, ACT_INTERMEDIATE, ACT_SCORES,  # noqa: F401
+                                         DEFAULT_TARGETS, TARGET_NAMES, _projection_backward,
+                                         attention_flops, head_backward_flops, head_forward_flops,
+                                         lora_forward_flops, matmul_flops, projection_flops,
+                                         relative_position_flops, relative_span)
 
 
 # ----------------------------------------------------------------------------
-# Configuration helpers
+# The family, and argument checks
 # ----------------------------------------------------------------------------
 
 
 def family_cost(cfg):
-    """The cost module a model family supplies (``cfg.cost_model``: a decoder's
-    :mod:`hfl_jax.models.decoder_cost`), or ``None`` for the encoders counted in this module."""
-    return getattr(cfg, "cost_model", None)
+    """The cost module of ``cfg``'s family: ``cfg.cost_model`` (an ``EncoderConfig``'s
+    :mod:`hfl_jax.models.encoder_cost`, a ``DecoderConfig``'s :mod:`hfl_jax.models.decoder_cost`).
+    A stand-in config without one is counted as an encoder when its ``model_type`` is one
+    (:data:`MODEL_TYPES`, the encoder config's). Raises ValueError naming the ``model_type`` otherwise."""
+    cost = getattr(cfg, "cost_model", None)
+    if cost is not None:
+        return cost
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in MODEL_TYPES:
+        return encoder_cost
+    raise ValueError(f"unknown model_type {model_type!r}: its config has no cost_model, and a stand-in "
+                     f"config is counted only for the encoder model types {MODEL_TYPES}")
 
 
-def _check_cfg(cfg) -> None:
-    if family_cost(cfg) is not None:
-        return
-    if cfg.model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {cfg.model_type!r}; expected one of {MODEL_TYPES}")
+def _has_head(cost) -> bool:
+    # a family with a trained classification head counts it (num_labels); decoders train LoRA only
+    return hasattr(cost, "head_param_count")
 
 
-def _check_targets(targets: Sequence[str], cfg=None) -> tuple[str, ...]:
+def _labels(cost, num_labels: int | None) -> dict:
+    return {"num_labels": num_labels} if _has_head(cost) else {}
+
+
+def _check_targets(targets: Sequence[str], cfg) -> tuple[str, ...]:
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    names = tuple(getattr(cfg, "lora_targets", TARGET_NAMES)) if cfg is not None else TARGET_NAMES
+    names = tuple(getattr(cfg, "lora_targets", None) or family_cost(cfg).TARGET_NAMES)
     unknown = [t for t in targets if t not in names]
     if unknown or len(set(targets)) != len(targets):
         raise ValueError(f"LoRA targets must be distinct names from {names}, got {targets}")
@@ -87,234 +109,50 @@ def _check_positive(**kw) -> None:
 
 
 def target_dims(cfg, target: str) -> tuple[int, int]:
-    """(in, out) features of a LoRA target: H->H for query/key/value/attention_output,
-    H->I for intermediate, I->H for output; a family that owns its targets answers itself
-    (``cfg.lora_target_dims``)."""
+    """(in, out) features of a LoRA target, as the config says (``cfg.lora_target_dims``) or
+    else its family's cost module (encoders: H->H for query/key/value/attention_output,
+    H->I for intermediate, I->H for output)."""
+    _check_targets((target,), cfg)
     if hasattr(cfg, "lora_target_dims"):
-        _check_targets((target,), cfg)
         return tuple(cfg.lora_target_dims(target))
-    _check_targets((target,))
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    return {"intermediate": (H, I), "output": (I, H)}.get(target, (H, H))
-
-
-def _num_labels(cfg, num_labels: int | None) -> int:
-    return int(getattr(cfg, "num_labels", 2) if num_labels is None else num_labels)
-
-
-def _pooler_size(cfg) -> int:
-    return int(getattr(cfg, "pooler_hidden_size", None) or cfg.hidden_size)
-
-
-def _is_deberta(cfg) -> bool:
-    return cfg.model_type in ("deberta", "deberta-v2") and getattr(cfg, "relative_attention", True)
-
-
-def _pos_att_types(cfg) -> tuple[str, ...]:
-    return tuple(getattr(cfg, "pos_att_type", None) or ("c2p", "p2c")) if _is_deberta(cfg) else ()
-
-
-def _shares_att_key(cfg) -> bool:
-    # HF default for DeBERTa-v2/v3 checkpoints: position projections reuse the
-    # query/key projections (and therefore their LoRA adapters).
-    return bool(getattr(cfg, "share_att_key", cfg.model_type == "deberta-v2"))
-
-
-def _max_relative_positions(cfg) -> int:
-    m = int(getattr(cfg, "max_relative_positions", -1))
-    return m if m >= 1 else int(getattr(cfg, "max_position_embeddings", 512))
-
-
-def relative_span(cfg, seq_len: int) -> int:
-    """DeBERTa attention span S; the relative-position table used per layer has 2*S rows.
-
-    As in Hugging Face: DeBERTa-v2/v3 uses ``position_buckets`` if positive, else
-    ``max_relative_positions`` (which defaults to ``max_position_embeddings``),
-    independent of T; DeBERTa (v1) uses ``min(T, max_relative_positions)``.
-    Zero for BERT/RoBERTa.
-    """
-    if not _is_deberta(cfg):
-        return 0
-    if cfg.model_type == "deberta-v2":
-        buckets = int(getattr(cfg, "position_buckets", -1))
-        return buckets if buckets > 0 else _max_relative_positions(cfg)
-    return min(int(seq_len), _max_relative_positions(cfg))
+    return family_cost(cfg).target_dims(cfg, target)
 
 
 # ----------------------------------------------------------------------------
-# Forward FLOPs, one helper per piece
+# FLOPs (the family's formulas)
 # ----------------------------------------------------------------------------
-
-
-def matmul_flops(m: float, k: float, n: float) -> float:
-    """FLOPs of an [m, k] @ [k, n] product: 2*m*k*n (XLA's convention)."""
-    return 2.0 * m * k * n
-
-
-def projection_flops(cfg, tokens: int) -> float:
-    """Frozen dense projections of one layer for `tokens` = B*T rows:
-    Q, K, V, O (H->H each) and FFN in (H->I) and out (I->H)."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    return 4 * matmul_flops(tokens, H, H) + matmul_flops(tokens, H, I) + matmul_flops(tokens, I, H)
-
-
-def attention_flops(cfg, batch_size: int, seq_len: int) -> float:
-    """Scores Q K^T and context P V of one layer, summed over heads: 2 * 2*B*T*T*H."""
-    return 2 * matmul_flops(batch_size * seq_len, cfg.hidden_size, seq_len)
-
-
-def lora_forward_flops(cfg, tokens: int, rank: int, targets: Sequence[str]) -> float:
-    """x @ A and (x A) @ B of one layer: sum over targets of 2*N*r*(in + out)."""
-    total = 0.0
-    for t in _check_targets(targets):
-        fan_in, fan_out = target_dims(cfg, t)
-        total += matmul_flops(tokens, fan_in, rank) + matmul_flops(tokens, rank, fan_out)
-    return total
-
-
-def relative_position_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str]) -> float:
-    """DeBERTa disentangled attention extras of one layer (0 for BERT/RoBERTa).
-
-    Per type in ``pos_att_type`` (default c2p and p2c): projecting the 2S-row
-    relative embedding table (2*2S*H*H, batch-independent), plus the LoRA of the
-    shared query/key projection on those rows when ``share_att_key`` and that
-    projection is a target, plus the score-sized product with the content
-    queries/keys, [B*T, H] x [H, 2S] (2*B*T*2S*H) before the gather.
-    """
-    H, P = cfg.hidden_size, 2 * relative_span(cfg, seq_len)
-    targets = _check_targets(targets)
-    total = 0.0
-    for kind, proj in (("c2p", "key"), ("p2c", "query")):
-        if kind not in _pos_att_types(cfg):
-            continue
-        total += matmul_flops(P, H, H) + matmul_flops(batch_size * seq_len, H, P)
-        if _shares_att_key(cfg) and proj in targets:
-            total += lora_forward_flops(cfg, P, rank, (proj,))
-    return total
-
-
-def head_forward_flops(cfg, batch_size: int, num_labels: int | None = None) -> float:
-    """Classification head on the first token: dense H->Hp (pooler) and classifier Hp->C."""
-    H, Hp, C = cfg.hidden_size, _pooler_size(cfg), _num_labels(cfg, num_labels)
-    return matmul_flops(batch_size, H, Hp) + matmul_flops(batch_size, Hp, C)
 
 
 def layer_forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str]) -> float:
-    """Forward FLOPs of one encoder layer with LoRA on `targets`."""
-    tokens = batch_size * seq_len
-    return (projection_flops(cfg, tokens) + attention_flops(cfg, batch_size, seq_len)
-            + lora_forward_flops(cfg, tokens, rank, targets)
-            + relative_position_flops(cfg, batch_size, seq_len, rank, targets))
+    """Forward FLOPs of one layer with LoRA on `targets` (the family's formula)."""
+    return family_cost(cfg).layer_forward_flops(cfg, batch_size, seq_len, rank, targets)
+
+
+def layer_backward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str],
+                         input_live: bool = True) -> float:
+    """Backward FLOPs of one trained layer (the family's formula); `input_live` is False for the
+    lowest trained layer (its input comes from stop_gradient)."""
+    return family_cost(cfg).layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live)
 
 
 def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] = DEFAULT_TARGETS,
                   num_labels: int | None = None) -> float:
     """Forward (evaluation) FLOPs of one batch [B, T]: L layers plus the head."""
-    _check_cfg(cfg)
+    cost = family_cost(cfg)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
-    if family_cost(cfg) is not None:
-        return family_cost(cfg).forward_flops(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg))
-    return (cfg.num_layers * layer_forward_flops(cfg, batch_size, seq_len, rank, targets)
-            + head_forward_flops(cfg, batch_size, num_labels))
-
-
-# ----------------------------------------------------------------------------
-# Backward FLOPs
-# ----------------------------------------------------------------------------
-
-
-def _projection_backward(tokens: int, fan_in: int, fan_out: int, rank: int, adapted: bool,
-                         input_live: bool) -> tuple[float, bool]:
-    """Backward of y = x W (+ (x A) B); returns (FLOPs, whether y is live).
-
-    "Live" means the value depends on trained parameters, so JAX carries a
-    cotangent for it. W is frozen: dx = dy W^T only if x is live. LoRA: dB =
-    (xA)^T dy, g = dy B^T, dA = x^T g, and dx += g A^T only if x is live.
-    """
-    out_live = input_live or adapted
-    flops = matmul_flops(tokens, fan_out, fan_in) if input_live else 0.0
-    if adapted:
-        flops += (matmul_flops(rank, tokens, fan_out)      # dB
-                  + matmul_flops(tokens, fan_out, rank)    # g = dy B^T
-                  + matmul_flops(fan_in, tokens, rank))    # dA
-        if input_live:
-            flops += matmul_flops(tokens, rank, fan_in)    # dx through A
-    return flops, out_live
-
-
-def layer_backward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str],
-                         input_live: bool = True) -> float:
-    """Backward FLOPs of one trained layer.
-
-    `input_live` is False for the lowest trained layer (its input comes from
-    stop_gradient), which then skips every product that would only carry a
-    gradient further down. For a layer with a live input this is the forward
-    projections once more (dx), the two attention products twice (both
-    operands need gradients) and the LoRA products twice.
-    """
-    targets = _check_targets(targets)
-    H, I, N = cfg.hidden_size, cfg.intermediate_size, batch_size * seq_len
-    flops, live = 0.0, {}
-    for proj in ("query", "key", "value"):
-        f, live[proj] = _projection_backward(N, H, H, rank, proj in targets, input_live)
-        flops += f
-    probs_live = live["query"] or live["key"]
-    context_live = probs_live or live["value"]
-    score = matmul_flops(N, H, seq_len)  # any one of the four attention-backward products
-    flops += score * (probs_live + live["value"] + live["query"] + live["key"])  # dP, dV, dQ, dK
-    flops += _relative_position_backward(cfg, batch_size, seq_len, rank, targets, live)
-    f, attn_out_live = _projection_backward(N, H, H, rank, "attention_output" in targets, context_live)
-    flops += f
-    ffn_in_live = attn_out_live or input_live  # residual around attention
-    f, inter_live = _projection_backward(N, H, I, rank, "intermediate" in targets, ffn_in_live)
-    flops += f
-    f, _ = _projection_backward(N, I, H, rank, "output" in targets, inter_live)
-    return flops + f
-
-
-def _relative_position_backward(cfg, batch_size: int, seq_len: int, rank: int, targets: tuple[str, ...],
-                                live: Mapping[str, bool]) -> float:
-    """DeBERTa c2p/p2c backward: gradient to the content side (dQ for c2p, dK for p2c)
-    when live, and to the position side only when it carries a shared, adapted
-    query/key projection (then also that LoRA's dB, dy B^T, dA on 2S rows)."""
-    H, N, P = cfg.hidden_size, batch_size * seq_len, 2 * relative_span(cfg, seq_len)
-    flops = 0.0
-    for kind, content, proj in (("c2p", "query", "key"), ("p2c", "key", "query")):
-        if kind not in _pos_att_types(cfg):
-            continue
-        if live[content]:
-            flops += matmul_flops(N, P, H)
-        if _shares_att_key(cfg) and proj in targets:
-            flops += matmul_flops(P, N, H) + _projection_backward(P, H, H, rank, True, False)[0]
-    return flops
-
-
-def head_backward_flops(cfg, batch_size: int, num_labels: int | None = None, input_live: bool = True) -> float:
-    """Backward of the (trained) head: dW and dx of the classifier, dW of the dense
-    layer, and its dx only if the encoder output is live (depth > 0)."""
-    H, Hp, C = cfg.hidden_size, _pooler_size(cfg), _num_labels(cfg, num_labels)
-    flops = matmul_flops(Hp, batch_size, C) + matmul_flops(batch_size, C, Hp)  # classifier dW, dx
-    flops += matmul_flops(H, batch_size, Hp)  # dense dW
-    if input_live:
-        flops += matmul_flops(batch_size, Hp, H)  # dense dx
-    return flops
+    return cost.forward_flops(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg),
+                              **_labels(cost, num_labels))
 
 
 def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
                    targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None) -> float:
-    """Backward FLOPs at fine-tuning depth d: top d layers (the lowest with a dead input) and the head."""
-    _check_cfg(cfg)
+    """Backward FLOPs at fine-tuning depth d: the top d layers (the lowest with a dead input) and
+    the head."""
+    cost = family_cost(cfg)
     depth = _check_depth(cfg, depth)
     targets = _check_targets(targets, cfg)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
-    if family_cost(cfg) is not None:
-        return family_cost(cfg).backward_flops(cfg, batch_size, seq_len, depth, rank, targets)
-    flops = 0.0
-    if depth > 0:
-        flops += layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=False)
-        flops += (depth - 1) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=True)
-    encoder_live = depth > 0 and bool(targets)
-    return flops + head_backward_flops(cfg, batch_size, num_labels, input_live=encoder_live)
+    return cost.backward_flops(cfg, batch_size, seq_len, depth, rank, targets, **_labels(cost, num_labels))
 
 
 def step_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
@@ -379,12 +217,10 @@ def lora_bytes(cfg, layers, rank: int, targets: Sequence[str] = DEFAULT_TARGETS,
 
 
 def head_param_count(cfg, num_labels: int | None = None) -> int:
-    """Head parameters: dense H->Hp with bias and classifier Hp->C with bias (0 for a family
-    without a trainable head: decoders train LoRA only)."""
-    if family_cost(cfg) is not None:
-        return 0
-    H, Hp, C = cfg.hidden_size, _pooler_size(cfg), _num_labels(cfg, num_labels)
-    return H * Hp + Hp + Hp * C + C
+    """Trained head parameters, as the family counts them (encoders: dense H->Hp with bias and
+    classifier Hp->C with bias); 0 for a family without a trainable head (decoders train LoRA only)."""
+    cost = family_cost(cfg)
+    return cost.head_param_count(cfg, num_labels) if _has_head(cost) else 0
 
 
 def head_bytes(cfg, num_labels: int | None = None, bytes_per_param: int = 4) -> float:
@@ -393,31 +229,9 @@ def head_bytes(cfg, num_labels: int | None = None, bytes_per_param: int = 4) -> 
 
 
 def base_param_count(cfg) -> int:
-    """Frozen backbone parameters (rough): embeddings + L layers (+ DeBERTa position tables).
-
-    Embeddings: vocab_size*E word table, max_position_embeddings*E absolute
-    positions (unless ``position_biased_input`` is False), type_vocab_size*E
-    token types, a layer norm, and an E->H projection when E != H. A layer:
-    Q, K, V, O (4H^2 + 4H), FFN (2HI + I + H), two layer norms (4H), and, for
-    DeBERTa without shared keys, separate position projections (2H^2 + H).
-    DeBERTa adds the 2S*H relative-embedding table. Other families count themselves
-    (:func:`family_cost`).
-    """
-    if family_cost(cfg) is not None:
-        return family_cost(cfg).base_param_count(cfg)
-    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    E = int(getattr(cfg, "embedding_size", None) or H)
-    positions = int(getattr(cfg, "max_position_embeddings", 512))
-    if not getattr(cfg, "position_biased_input", cfg.model_type != "deberta-v2"):
-        positions = 0
-    types = int(getattr(cfg, "type_vocab_size", 2))
-    emb = (int(getattr(cfg, "vocab_size", 30522)) + positions + types) * E + 2 * E + (E * H + H if E != H else 0)
-    layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H
-    if _is_deberta(cfg):
-        if not _shares_att_key(cfg):
-            layer += 2 * H * H + H
-        emb += 2 * relative_span(cfg, _max_relative_positions(cfg)) * H + 2 * H
-    return emb + L * layer
+    """Frozen backbone parameters (rough), as the family counts them (encoders: embeddings, L layers,
+    DeBERTa's position tables; decoders: embeddings and an untied LM head, L layers, the final norm)."""
+    return family_cost(cfg).base_param_count(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -427,22 +241,16 @@ def base_param_count(cfg) -> int:
 
 def layer_activation_floats(cfg, batch_size: int, seq_len: int, rank: int,
                             targets: Sequence[str] = DEFAULT_TARGETS) -> float:
-    """Floats one layer keeps for its backward pass (rough estimate):
-    B*T*(8H + 2I + r*|targets|) + B*heads*T*T*2 (see ACT_* constants); other families count
-    themselves (:func:`family_cost`)."""
-    if family_cost(cfg) is not None:
-        return family_cost(cfg).layer_activation_floats(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg))
-    tokens = batch_size * seq_len
-    per_token = (ACT_HIDDEN * cfg.hidden_size + ACT_INTERMEDIATE * cfg.intermediate_size
-                 + rank * len(_check_targets(targets)))
-    return float(tokens * per_token + batch_size * cfg.num_heads * seq_len * seq_len * ACT_SCORES)
+    """Floats one layer keeps for its backward pass (rough estimate, the family's: encoders
+    B*T*(8H + 2I + r*|targets|) + B*heads*T*T*2, see the ACT_* constants)."""
+    return family_cost(cfg).layer_activation_floats(cfg, batch_size, seq_len, rank, _check_targets(targets, cfg))
 
 
 def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
                      targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
                      bytes_per_param: int = 4) -> dict[str, float]:
     """Training memory in bytes, by component (see memory_needed)."""
-    _check_cfg(cfg)
+    cost = family_cost(cfg)
     depth = _check_depth(cfg, depth)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
     trainable = lora_param_count(cfg, depth, rank, targets) + head_param_count(cfg, num_labels)
@@ -456,8 +264,8 @@ def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
         "gradients": trainable * b,
         "adam_state": 2 * trainable * b,
         "activations": depth * act * b,
-        "working_set": act * b + (family_cost(cfg).logits_floats(cfg, batch_size, seq_len) * b
-                                  if family_cost(cfg) is not None else 0.0),
+        # one layer's forward, and the logits a family keeps beside it (decoders: [B, T, V])
+        "working_set": act * b + cost.logits_floats(cfg, batch_size, seq_len) * b,
     }
 
 

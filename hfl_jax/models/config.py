@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from hfl_jax.errors import ConfigError   # noqa: F401  (re-exported: one class for every config error)
+from hfl_jax.models import encoder_cost
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "deberta", "deberta-v2")
 
@@ -60,6 +61,22 @@ class EncoderConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def position_offset(self) -> int:
+        """The position id of a sequence's first token (RoBERTa counts from ``pad_token_id + 1``,
+        the others from 0); packed rows (:mod:`hfl_jax.data.packing`) number positions from it."""
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The LoRA target names (``query key value attention_output intermediate output``)."""
+        return encoder_cost.TARGET_NAMES
+
+    @property
+    def cost_model(self):
+        """The encoders' cost model for :mod:`hfl_jax.fed.timemodel` (:mod:`hfl_jax.models.encoder_cost`)."""
+        return encoder_cost
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], num_labels: int | None = None) -> "EncoderConfig":
         """Builds the config from a ``config.json`` dictionary."""
@@ -88,7 +105,7 @@ class EncoderConfig:
             num_heads=hf["num_attention_heads"],
             intermediate_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2 if mt == "bert" else defaults["type_vocab_size"]),
+            type_vocab_size=hf.get("type_vocab_size", defaults["type_vocab_size"]),
             layer_norm_eps=hf.get("layer_norm_eps", eps_default),
             hidden_act=hf.get("hidden_act", "gelu"),
             pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,

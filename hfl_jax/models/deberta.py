@@ -302,6 +302,6 @@ def convert_head(t: Tensors, cfg: EncoderConfig) -> dict | None:
 
 
 DEBERTA = Family(DebertaEmbeddings, RelativeContext, DisentangledAttention, ContextPoolerHead,
-                 convert_base, convert_head)
+                 convert_base, convert_head, packs=False)   # rel_pos is [T, T] over the row, not per sequence
 register_family("deberta", DEBERTA)
 register_family("deberta-v2", DEBERTA)

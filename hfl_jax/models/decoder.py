@@ -135,6 +135,11 @@ class DecoderConfig:
         return DECODER_TARGETS
 
     @property
+    def position_offset(self) -> int:
+        """The position id of a sequence's first token: 0 (RoPE positions count from 0)."""
+        return 0
+
+    @property
     def cost_model(self):
         """This family's cost model for :mod:`hfl_jax.fed.timemodel` (:mod:`hfl_jax.models.decoder_cost`)."""
         from hfl_jax.models import decoder_cost

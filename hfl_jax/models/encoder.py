@@ -45,6 +45,9 @@ class Family:
     attention(cfg)(h, ctx, lora_layer, scale) -> [B, T, H] context before the output projection
     head(cfg)(hidden, attention_mask) -> [B, num_labels]
     convert_base(tensors, cfg) -> params without "head"; convert_head(tensors, cfg) -> head or None
+    packs: whether the family takes packed rows (:mod:`hfl_jax.data.packing`: several sequences per
+      row, positions restarting per sequence, attention block-diagonal within a row); DeBERTa's
+      relative positions do not
     """
 
     embeddings: type[nn.Module]
@@ -53,13 +56,14 @@ class Family:
     head: type[nn.Module]
     convert_base: Callable
     convert_head: Callable
+    packs: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     "bert": Family(bert.BertEmbeddings, bert.PaddingContext, SelfAttention, bert.BertHead,
-                   bert.convert_base, bert.convert_head),
+                   bert.convert_base, bert.convert_head, packs=True),
     "roberta": Family(bert.BertEmbeddings, bert.PaddingContext, SelfAttention, bert.RobertaHead,
-                      bert.convert_base, bert.convert_head),
+                      bert.convert_base, bert.convert_head, packs=True),
 }
 
 
@@ -115,10 +119,11 @@ class EncoderModel:
 
     @property
     def packs(self) -> bool:
-        """Whether :meth:`apply` takes packed rows (:mod:`hfl_jax.data.packing`): BERT/RoBERTa with an
-        attention kernel that takes the block-diagonal bias (not cuDNN's key lengths)."""
+        """Whether :meth:`apply` takes packed rows (:mod:`hfl_jax.data.packing`): a family that packs
+        (:attr:`Family.packs`: BERT/RoBERTa) with an attention kernel that takes the block-diagonal
+        bias (not cuDNN's key lengths)."""
         from hfl_jax.models.layers import attention_impl
-        return (self.cfg.model_type in ("bert", "roberta")
+        return (self.family.packs
                 and attention_impl(self.attention, self.compute_dtype or jnp.float32) != "cudnn")
 
     def _modules(self):
