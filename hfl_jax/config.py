@@ -483,8 +483,16 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
         if a.fixed_depth is not None:
             _require(1 <= a.fixed_depth <= num_layers, "algorithm.fixed_depth",
                      f"depth {a.fixed_depth} is outside [1, {num_layers}] (the model has {num_layers} layers)")
-        ALGORITHMS[a.name](cfg, num_layers)   # raises ConfigError for settings the algorithm cannot use
+        algorithm = ALGORITHMS[a.name](cfg, num_layers)   # raises ConfigError for settings it cannot use
+        check_group_signal(cfg, algorithm)
     return cfg
+
+
+def check_group_signal(cfg: ExperimentConfig, algorithm) -> None:
+    """``algorithm.grouping.signal`` is one the built algorithm's grouping reads (``group_signals``)."""
+    g = cfg.algorithm.grouping
+    _require(g.signal in algorithm.group_signals, "algorithm.grouping.signal",
+             f"{cfg.algorithm.name} groups devices by {', '.join(algorithm.group_signals)}, not by {g.signal}")
 
 
 def _check_grouping(a: AlgorithmConfig) -> None:
@@ -501,9 +509,6 @@ def _check_grouping(a: AlgorithmConfig) -> None:
     _require(0 < g.delta < 1, "algorithm.grouping.delta", f"must be in (0, 1), got {g.delta}")
     _require(g.signal == "labels" or g.mechanism == "none", "algorithm.grouping.mechanism",
              f"noise applies to label histograms (signal: labels), not to signal: {g.signal}")
-    _require(g.signal == "labels" or a.name.startswith("hierfedlora") and a.name != "hierfedlora_random_groups",
-             "algorithm.grouping.signal", f"embedding is read by the KL-grouping algorithms (hierfedlora, "
-             f"hierfedlora_full_depth, _random_arm, _fixed), not by {a.name!r}")
 
 
 def family_of_name(name: str) -> str | None:

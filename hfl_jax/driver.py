@@ -28,7 +28,7 @@ from hfl_jax.algos import AlgoState, FedAlgorithm
 from hfl_jax.algos import grouping as grouping_lib
 from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROBE_HOLDOUT, SALT_PROFILES,
                                   SALT_SUBSET, SALT_VALIDATION, round_key)
-from hfl_jax.config import ExperimentConfig, load_run_config, to_dict
+from hfl_jax.config import ExperimentConfig, check_group_signal, load_run_config, to_dict
 from hfl_jax.fed.cost import Workload
 from hfl_jax.fed.device_axis import DeviceAxis, make_mesh
 from hfl_jax.fed.engine import make_evaluate
@@ -280,6 +280,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
     label_counts = np.stack([np.bincount(prepared.classes[p], minlength=num_classes) for p in parts])
     profiles = device_profiles(cfg)
     algorithm = algos.build(cfg, model.num_layers)
+    check_group_signal(cfg, algorithm)
     for d in algorithm.depths:
         if not 1 <= d <= model.num_layers:
             raise ValueError(f"algorithm.depths: depth {d} is outside [1, {model.num_layers}]")

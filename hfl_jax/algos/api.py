@@ -39,7 +39,7 @@ class FedAlgorithm(NamedTuple):
     """A federated algorithm: how it groups devices, its depth grid, and its ``(init, round)`` pair."""
     name: str
     depths: tuple                       # every fine-tuning depth a round may use
-    group: Callable[..., np.ndarray]    # (label_counts [N, C], speeds [N], seed) -> [N] group ids
+    group: Callable[..., np.ndarray]    # (label_counts [N, C], speeds [N], seed, embeddings=None) -> [N] group ids
     init: Callable[..., AlgoState]      # (env, key) -> state
     round: Callable[..., tuple]         # (env, state, key) -> (state, record)
     probes: bool = False                # scores a probe (then the driver may hold examples out for it)
@@ -47,3 +47,6 @@ class FedAlgorithm(NamedTuple):
     # (env, state) -> zero-argument callables compiling every program a round may run
     # (hfl_jax.algos.stages.programs); None: nothing ahead of time
     programs: Callable[..., list] | None = None
+    # what `group` can read (algorithm.grouping.signal): label histograms, and with KL grouping also
+    # the devices' mean frozen-model embeddings (``group(..., embeddings=[N, H])``)
+    group_signals: tuple = ("labels",)

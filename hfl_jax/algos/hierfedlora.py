@@ -33,6 +33,9 @@ def default_depths(num_layers: int) -> tuple[int, ...]:
     return tuple(out) + (num_layers,)
 
 
+KL_SIGNALS = ("labels", "embedding")   # what KL grouping's greedy K-means can read (algorithm.grouping.signal)
+
+
 def kl_groups(acfg):
     """Greedy K-means on label KL (plus ``lam`` x speed spread and ``sample_balance`` x sample
     imbalance) into ``acfg.num_groups`` groups. ``acfg.grouping`` (docs/algorithm.md, "Grouping
@@ -62,7 +65,7 @@ def random_groups_of(acfg):
         len(label_counts), acfg.num_groups, seed=seed)
 
 
-def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgorithm:
+def hierarchical(name: str, *, group, selector, arm_depths, arm_taus, group_signals=("labels",)) -> FedAlgorithm:
     """A HierFedLoRA-shaped algorithm: ``group`` devices, pick each group's arm with ``selector``
     from the grid ``(arm_depths[a], arm_taus[a])``, train and aggregate at the edge, then in the cloud."""
     arm_depths, arm_taus = np.asarray(arm_depths), np.asarray(arm_taus)
@@ -110,7 +113,8 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus) -> FedAlgo
     depths = tuple(sorted(set(arm_depths.tolist())))
     return FedAlgorithm(name, depths, group, init, round_, probes=selector.probes, intra_rounds=int(arm_taus.max()),
                         programs=lambda env, state: stages.programs(env, state.trainable, depths=depths,
-                                                                    probes=selector.probes, pad_groups=True))
+                                                                    probes=selector.probes, pad_groups=True),
+                        group_signals=tuple(group_signals))
 
 
 def _grid(acfg, num_layers):
@@ -124,10 +128,10 @@ def _rucb(acfg, num_arms: int) -> RUCB:
                 time_budget_factor=b.time_budget_factor)
 
 
-def _bandit(name: str, acfg, group, depths) -> FedAlgorithm:
+def _bandit(name: str, acfg, group, depths, group_signals=KL_SIGNALS) -> FedAlgorithm:
     arm_depths, arm_taus = make_arms(depths, acfg.taus)
     return hierarchical(name, group=group, selector=_rucb(acfg, len(arm_depths)), arm_depths=arm_depths,
-                        arm_taus=arm_taus)
+                        arm_taus=arm_taus, group_signals=group_signals)
 
 
 def build(cfg, num_layers: int) -> FedAlgorithm:
@@ -139,7 +143,8 @@ def build(cfg, num_layers: int) -> FedAlgorithm:
 def build_random_groups(cfg, num_layers: int) -> FedAlgorithm:
     """Ablation: balanced random groups instead of KL grouping."""
     acfg = cfg.algorithm
-    return _bandit("hierfedlora_random_groups", acfg, random_groups_of(acfg), _grid(acfg, num_layers))
+    return _bandit("hierfedlora_random_groups", acfg, random_groups_of(acfg), _grid(acfg, num_layers),
+                   group_signals=("labels",))
 
 
 def build_full_depth(cfg, num_layers: int) -> FedAlgorithm:
@@ -153,7 +158,7 @@ def build_random_arm(cfg, num_layers: int) -> FedAlgorithm:
     arm_depths, arm_taus = make_arms(_grid(acfg, num_layers), acfg.taus)
     b = acfg.bandit
     selector = RandomArm(len(arm_depths), time_budget=b.time_budget, time_budget_factor=b.time_budget_factor)
-    return hierarchical("hierfedlora_random_arm", group=kl_groups(acfg), selector=selector, arm_depths=arm_depths,
+    return hierarchical("hierfedlora_random_arm", group=kl_groups(acfg), selector=selector, arm_depths=arm_depths, group_signals=KL_SIGNALS,
                         arm_taus=arm_taus)
 
 
@@ -161,5 +166,5 @@ def build_fixed(cfg, num_layers: int) -> FedAlgorithm:
     """Ablation: KL groups, one fixed (depth, tau) for every group, no bandit."""
     acfg = cfg.algorithm
     d = acfg.fixed_depth if acfg.fixed_depth is not None else max(1, num_layers // 2)
-    return hierarchical("hierfedlora_fixed", group=kl_groups(acfg), selector=FixedArm(), arm_depths=[d],
+    return hierarchical("hierfedlora_fixed", group=kl_groups(acfg), selector=FixedArm(), arm_depths=[d], group_signals=KL_SIGNALS,
                         arm_taus=[acfg.fixed_tau])
