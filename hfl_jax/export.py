@@ -111,14 +111,19 @@ DECODER_LAYOUT = PeftLayout(
     names_as_targets=True)
 
 
+# Encoder families PEFT cannot express, and why.
+NO_PEFT_LAYOUT = {
+    "deberta": "PEFT export of DeBERTa v1 (model_type='deberta') is not supported: its attention is one fused "
+               "in_proj with heads interleaved as [q_h, k_h, v_h], and hfl_jax's LoRA sits on the split query/key/"
+               "value kernels, which a PEFT LoRA on in_proj (a single A and B) cannot express. Use a deberta-v2/v3, "
+               "BERT or RoBERTa base model.",
+}
+
+
 def _encoder_layout(model: EncoderModel) -> PeftLayout:
     mt = model.cfg.model_type
-    if mt == "deberta":
-        raise NotImplementedError(
-            "PEFT export of DeBERTa v1 (model_type='deberta') is not supported: its attention is one fused "
-            "in_proj with heads interleaved as [q_h, k_h, v_h], and hfl_jax's LoRA sits on the split query/key/"
-            "value kernels, which a PEFT LoRA on in_proj (a single A and B) cannot express. Use a deberta-v2/v3, "
-            "BERT or RoBERTa base model.")
+    if mt in NO_PEFT_LAYOUT:
+        raise NotImplementedError(NO_PEFT_LAYOUT[mt])
     if mt not in ENCODER_LAYOUTS:
         raise NotImplementedError(f"no PEFT layout for model_type {mt!r}; supported: {', '.join(ENCODER_LAYOUTS)}")
     return ENCODER_LAYOUTS[mt]

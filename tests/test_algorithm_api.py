@@ -41,7 +41,6 @@ FAMILY_MODULES = {
     "hfl_jax/models/decoder.py",        # Llama, Qwen2, Mistral config layouts and biases
     "hfl_jax/models/config.py",         # the encoder config: per-type defaults, RoBERTa's position offset
     "hfl_jax/models/encoder_cost.py",   # DeBERTa's relative-position cost terms
-    "hfl_jax/export.py",                # export layouts: being moved into the families
 }
 
 
