@@ -192,6 +192,22 @@ class FlexLoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FedProxConfig:
+    mu: float = 0.01                    # proximal weight: local loss + (mu / 2) ||w - w_global||^2 (0: FedLoRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptConfig:
+    """The server optimizer of fedavgm, fedadam, fedyogi, fedadagrad (Reddi et al., 2021), applied to the
+    pseudo-gradient x - mean(y_i) (hfl_jax.algos.fedopt)."""
+    lr: Optional[float] = None          # server learning rate; null: 1.0 for fedavgm, 0.01 for the adaptive ones
+    momentum: float = 0.9               # fedavgm's heavy-ball momentum (0: plain server SGD)
+    beta1: float = 0.9                  # fedadam, fedyogi: first-moment decay
+    beta2: float = 0.99                 # fedadam, fedyogi: second-moment decay
+    eps: float = 1e-3                   # adaptivity tau: fedadam/fedyogi's eps; fedadagrad's v_{-1} = eps^2
+
+
+@dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = "hierfedlora"           # a key of hfl_jax.algos.ALGORITHMS
     num_groups: int = 4
@@ -205,11 +221,13 @@ class AlgorithmConfig:
     bandit: BanditConfig = BanditConfig()
     hetlora: HetLoRAConfig = HetLoRAConfig()
     flexlora: FlexLoRAConfig = FlexLoRAConfig()
+    fedprox: FedProxConfig = FedProxConfig()
+    server: ServerOptConfig = ServerOptConfig()
 
 
 # Config sections only one algorithm reads (``algorithm.<section>`` -> that algorithm's name): two runs
 # of another algorithm that differ only there are the same run (``hfl_jax.sweep`` compares them so).
-ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora"}
+ALGORITHM_SECTIONS = {"hetlora": "hetlora", "flexlora": "flexlora", "fedprox": "fedprox"}
 
 # Defaults that changed after their field was added: a run directory's ``config.yaml`` written before
 # the field existed ran with the old behaviour, so :func:`load_run_config` fills these where absent.
@@ -474,6 +492,14 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
              f"one of zeros, holders; got {h.padding!r}")
     _require(h.sparsity in SPARSITY, "algorithm.hetlora.sparsity",
              f"must be one of {', '.join(SPARSITY)}, got {h.sparsity!r}")
+    _require(math.isfinite(a.fedprox.mu) and a.fedprox.mu >= 0, "algorithm.fedprox.mu",
+             f"must be a finite number >= 0, got {a.fedprox.mu}")
+    so = a.server
+    _require(so.lr is None or (math.isfinite(so.lr) and so.lr > 0), "algorithm.server.lr",
+             f"must be a finite number > 0 (or null), got {so.lr}")
+    for key, v in (("momentum", so.momentum), ("beta1", so.beta1), ("beta2", so.beta2)):
+        _require(0 <= v < 1, f"algorithm.server.{key}", f"must be in [0, 1), got {v}")
+    _require(math.isfinite(so.eps) and so.eps > 0, "algorithm.server.eps", f"must be a finite number > 0, got {so.eps}")
     if t.target_accuracy is not None:
         _require(0 < t.target_accuracy <= 1, "train.target_accuracy", "must be in (0, 1]")
     if num_layers is not None:

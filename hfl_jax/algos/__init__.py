@@ -4,7 +4,7 @@ Each module's ``build(cfg, num_layers) -> FedAlgorithm`` returns the algorithm's
 ``(init, round)`` pair (:mod:`hfl_jax.algos.api`); adding an algorithm is one new module
 and one line here.
 """
-from hfl_jax.algos import fedlora, fedsa_lora, ffa_lora, flexlora, hetlora, hierfedlora
+from hfl_jax.algos import fedlora, fedopt, fedprox, fedsa_lora, ffa_lora, flexlora, hetlora, hierfedlora, scaffold
 from hfl_jax.algos.api import AlgoState, FedAlgorithm
 from hfl_jax.algos.hierfedlora import default_depths
 
@@ -19,6 +19,12 @@ ALGORITHMS = {
     "ffa_lora": ffa_lora.build,
     "fedsa_lora": fedsa_lora.build,
     "flexlora": flexlora.build,
+    "fedprox": fedprox.build,
+    "scaffold": scaffold.build,
+    "fedavgm": fedopt.build_fedavgm,
+    "fedadam": fedopt.build_fedadam,
+    "fedyogi": fedopt.build_fedyogi,
+    "fedadagrad": fedopt.build_fedadagrad,
 }
 
 

@@ -174,13 +174,15 @@ def _group_inputs(env: Env, g: GroupView, device_lora: Any) -> tuple:
 
 
 def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int, key: jax.Array,
-                aggregator: Any = FedAvg(), optimizer: Any = None, device_lora: Any = None
-                ) -> tuple[Any, GroupTraining]:
+                aggregator: Any = FedAvg(), optimizer: Any = None, device_lora: Any = None,
+                update_offset: Any = None) -> tuple[Any, GroupTraining]:
     """``tau`` intra-group rounds of ``E`` local steps at ``depth`` (one compiled call each,
     :func:`~hfl_jax.fed.engine.make_group_round`), each followed by the group aggregation.
 
     ``optimizer`` defaults to the environment's; ``device_lora`` (``[S, ...]``) makes each device
-    start from its own LoRA and returns the trained ones in ``GroupTraining.devices``.
+    start from its own LoRA and returns the trained ones in ``GroupTraining.devices``;
+    ``update_offset`` (``[S, ...]``, a tree like ``trainable``) is added to every local step's
+    optimizer update of each device (SCAFFOLD's control-variate correction).
     Metrics stay on the accelerator through the loop; the host reads them once at the end.
     """
     per_device = device_lora is not None
@@ -191,7 +193,7 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
         pack, plan = packed_plan(env, g, key_t)
         fn, kw = _group_round_fn(env, depth=depth, aggregator=aggregator, optimizer=optimizer,
                                  per_device=per_device, pack=pack)
-        out = fn(tr, env.base, data, ids, weights, key_t, ranks, *extra, **plan, **kw)
+        out = fn(tr, env.base, data, ids, weights, key_t, ranks, *extra, **plan, **kw, **_offset_kw(update_offset))
         tr, m = out[0], out[1]
         devices = out[2] if per_device else None
         finite = m.finite if finite is None else finite & m.finite
@@ -199,6 +201,11 @@ def train_group(env: Env, trainable: Any, g: GroupView, *, depth: int, tau: int,
     loss, count = np.asarray(m.loss), np.asarray(m.count)
     train_loss = float((loss * count).sum() / max(count.sum(), 1))
     return tr, GroupTraining(bad, float(g.weights[~bad].sum()), train_loss, devices)
+
+
+def _offset_kw(update_offset: Any) -> dict:
+    # passed only when set, so the calls of every other algorithm keep their signature
+    return {} if update_offset is None else {"update_offset": update_offset}
 
 
 def _probe_call(env: Env, g: GroupView) -> tuple[Any, Callable]:
@@ -235,10 +242,10 @@ def probe(env: Env, trainable: Any, g: GroupView, key: jax.Array) -> float:
 
 def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregator: Any = FedAvg(),
              optimizer: Any = None, device_lora: Any = None, ranks: np.ndarray | None = None,
-             pad_groups: bool = False) -> list[Callable]:
+             pad_groups: bool = False, update_offset: Any = None) -> list[Callable]:
     """Zero-argument callables that compile, ahead of time, every program a round of an algorithm
-    may run: each group's round at each of ``depths`` (with the algorithm's aggregator, optimizer
-    and per-device adapters), the probe when ``probes``, and the small eager operations of the
+    may run: each group's round at each of ``depths`` (with the algorithm's aggregator, optimizer,
+    per-device adapters and update offsets), the probe when ``probes``, and the small eager operations of the
     round (key derivation, the global aggregation for every number of groups, or only for all of
     them when the algorithm pads to it, ``pad_groups``: :func:`global_aggregate`), each distinct
     program once (groups padded to one size share their programs). Run them in any order,
@@ -273,7 +280,8 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
                 continue   # rows per round: each row count compiles when a round first needs it
             fn, kw = _group_round_fn(env, depth=int(d), aggregator=aggregator, optimizer=optimizer,
                                      per_device=per_device, pack=pack)
-            add(fn, trainable, env.base, data, ids, weights, key0, ranks_k, *extra, **plan, **kw)
+            add(fn, trainable, env.base, data, ids, weights, key0, ranks_k, *extra, **plan, **kw,
+                **_offset_kw(update_offset))
         if probes:
             add_probe(g)
 

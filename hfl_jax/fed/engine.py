@@ -54,6 +54,8 @@ def make_group_round(model, inner: optax.GradientTransformation, *, depth: int |
       ranks: ``[M]`` per-device LoRA ranks (HetLoRA, FlexLoRA); ``None`` = everyone at full rank.
       device_lora: only with ``per_device=True``: ``[M, ...]`` LoRA each device starts from
         instead of ``trainable["lora"]`` (FedSA-LoRA's device-kept B).
+      update_offset: keyword, optional: ``[M, ...]`` a tree like ``trainable`` each device adds to every
+        local step's optimizer update (SCAFFOLD's ``-lr (c - c_i)``); ``None``: no offset.
 
     ``pack``: a :class:`~hfl_jax.data.packing.PackSpec`; the function then takes the keyword
     ``plan`` (``{"idx", "mask", "row", "offset"}`` ``[M, E, B]``, from
@@ -69,20 +71,21 @@ def make_group_round(model, inner: optax.GradientTransformation, *, depth: int |
     local = make_local_train(model, inner, depth, local_steps, batch_size, n_max, pack)
     static_depth = depth
 
-    def start_from(trainable, base, data_row, key, device_id, rank, plan, traced_depth, *device_lora):
+    def start_from(trainable, base, data_row, key, device_id, rank, plan, traced_depth, offset, *device_lora):
         if per_device:
             trainable = dict(trainable, lora=device_lora[0])
-        return local(trainable, base, data_row, key, device_id, rank, plan, traced_depth)
-    mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0, None) + (0,) * per_device)
+        return local(trainable, base, data_row, key, device_id, rank, plan, traced_depth, offset)
+    mapped = axis.map(start_from, in_axes=(None, None, 0, None, 0, 0, 0, None, 0) + (0,) * per_device)
 
     @jit
     def group_round(trainable, base, data, device_ids, weights, round_key, ranks=None, *device_lora, plan=None,
-                    depth=None):
+                    depth=None, update_offset=None):
         if ranks is None:
             ranks = jnp.full(device_ids.shape, trainable["lora"].rank, jnp.int32)
         if (depth is not None) != (static_depth is None):
             raise TypeError("group_round takes the keyword depth exactly when built with depth=None")
-        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, plan, depth, *device_lora)
+        new, metrics = mapped(trainable, base, data, round_key, device_ids, ranks, plan, depth, update_offset,
+                              *device_lora)
         agg, finite, used = aggregator(new, trainable, weights, ranks)
         out = GroupRoundMetrics(metrics.loss, metrics.count, finite, used)
         if per_device:

@@ -43,16 +43,20 @@ def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, depth: int,
                     start_layer: int = 0) -> Callable:
-    """``step(trainable, opt_state, base, batch) -> (trainable, opt_state, StepMetrics)``.
+    """``step(trainable, opt_state, base, batch, offset=None) -> (trainable, opt_state, StepMetrics)``.
 
     ``optimizer`` should come from :func:`make_optimizer` with the same depth;
-    ``start_layer`` as in :func:`make_loss_fn`.
+    ``start_layer`` as in :func:`make_loss_fn`. ``offset`` (a tree like ``trainable``, or ``None``)
+    is added to the optimizer's update, after the optimizer (and its depth mask): SCAFFOLD's
+    control-variate correction ``-lr (c - c_i)``, which for SGD is the step on ``g - c_i + c``.
     """
     grad_fn = jax.grad(make_loss_fn(model, depth, start_layer), has_aux=True)
 
-    def step(trainable, opt_state, base, batch):
+    def step(trainable, opt_state, base, batch, offset=None):
         grads, metrics = grad_fn(trainable, base, batch)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        if offset is not None:
+            updates = jax.tree.map(jnp.add, updates, offset)
         return optax.apply_updates(trainable, updates), opt_state, metrics
 
     return step
@@ -62,8 +66,9 @@ def make_local_train(model, inner: optax.GradientTransformation, depth: int | No
                      num_steps: int, batch_size: int, n_max: int, pack: Any = None) -> Callable:
     """One device's local round: ``num_steps`` (E) optimizer steps under ``lax.scan``.
 
-    Returns ``local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None)``
-    ``-> (trainable, StepMetrics[E])`` (``traced_depth``: an int32 scalar, only with ``depth=None``)
+    Returns ``local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None,
+    update_offset=None)`` ``-> (trainable, StepMetrics[E])`` (``traced_depth``: an int32 scalar, only with
+    ``depth=None``; ``update_offset``: a tree like ``trainable`` added to every step's update, or ``None``)
     where ``data_row`` is one device's :class:`~hfl_jax.data.DeviceData` slice (no device axis)
     and ``rank`` the device's LoRA rank: components ``>= rank`` are zeroed on arrival
     (HetLoRA's truncation) and, having zero gradient, stay zero; pass the full rank
@@ -83,7 +88,8 @@ def make_local_train(model, inner: optax.GradientTransformation, depth: int | No
     from hfl_jax.data import gather_batches, sample_batch_indices
     from hfl_jax.data.packing import pack_batch
 
-    def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None):
+    def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None,
+                    update_offset=None):
         d = depth if depth is not None else traced_depth
         opt = make_optimizer(inner, model.num_layers, d)
         step = make_train_step(model, opt, d, data_row.hidden_layer)
@@ -97,7 +103,7 @@ def make_local_train(model, inner: optax.GradientTransformation, depth: int | No
 
         def body(carry, batch):
             tr, st = carry
-            tr, st, metrics = step(tr, st, base, batch)
+            tr, st, metrics = step(tr, st, base, batch, update_offset)
             return (tr, st), metrics
 
         (trainable, _), metrics = jax.lax.scan(body, (trainable, opt.init(trainable)), batches)
