@@ -286,3 +286,28 @@ def test_resume_is_bit_identical(name, tmp_path, monkeypatch):
     (s1, a), (s2, b) = _arrays(full), _arrays(part)
     assert s1 == s2 == 3 and "device" in a     # the control variates / server moments are checkpointed
     _assert_trees(a, b)
+
+
+@pytest.mark.parametrize("name", ["scaffold", "fedadam"])
+def test_killed_run_resumes_bit_identically(name, tmp_path, monkeypatch):
+    """SIGKILL after round 2's metrics line, before its checkpoint (``HFL_FAULT_KILL_ROUND``): the resumed run
+    redoes round 2 from checkpoint 1 (control variates / server moments restored) and ends as the uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+    from hfl_jax import cli
+    monkeypatch.chdir(ROOT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    sets = sum((["--set", s] for s in FAST + ["train.rounds=3", "checkpoint.every=1", f"algorithm.name={name}"]), [])
+    assert cli.main(["run", str(SMOKE), *sets, "--out", str(full), "--quiet"]) == 0
+    env = dict(os.environ, HFL_FAULT_KILL_ROUND="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-m", "hfl_jax", "run", str(SMOKE), *sets, "--out", str(killed), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    assert len(_strip(killed)) == 2 and _arrays(killed)[0] == 1
+    assert cli.main(["resume", str(killed), "--quiet"]) == 0
+    assert _strip(full) == _strip(killed)
+    (s1, a), (s2, b) = _arrays(full), _arrays(killed)
+    assert s1 == s2 == 3
+    _assert_trees(a, b)
