@@ -17,10 +17,11 @@ def test_committed_config_validates(path):
 
 def test_paper_scale_configs_are_committed():
     paper = {load_config(p).name: load_config(p) for p in (ROOT / "experiments/configs/paper").glob("*.yaml")}
-    assert {c.data.task for c in paper.values()} == {"sst2", "qnli", "qqp", "mnli"}
+    assert {c.data.task for c in paper.values()} == {"sst2", "qnli", "qqp", "mnli", "instruct"}
     for c in paper.values():
         assert c.partition.num_devices == 80
-        assert c.model.name in ("FacebookAI/roberta-base", "microsoft/deberta-large")
+        assert c.model.name in ("FacebookAI/roberta-base", "microsoft/deberta-large",   # the paper's
+                                "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")          # decoders, paper-shaped
     with pytest.raises(ConfigError, match="algorithm.depths"):
         load_config(ROOT / "experiments/configs/paper/roberta_base_sst2.yaml", ["algorithm.depths=[1,13]"])
 
