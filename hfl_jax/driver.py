@@ -208,15 +208,22 @@ def _packing(cfg: ExperimentConfig, model, cached: int, data, slots: tuple) -> d
 
 def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
     """The devices' optimizer (``train.optimizer``), after clipping the gradient's global norm
-    to ``train.clip_norm`` when set."""
+    to ``train.clip_norm`` when set. The same settings give the same object within a process, so
+    runs built one after another (a sweep's, a notebook's, the tests') share the compiled group
+    rounds (``make_group_round`` is cached on the optimizer); optax transformations hold no state."""
     t = cfg.train
-    if t.optimizer == "sgd":
-        opt = optax.sgd(t.lr)
-    elif t.optimizer == "adam":
-        opt = optax.adam(t.lr)
+    return _optimizer(t.optimizer, float(t.lr), float(t.weight_decay), t.clip_norm)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(name: str, lr: float, weight_decay: float, clip_norm: float | None) -> optax.GradientTransformation:
+    if name == "sgd":
+        opt = optax.sgd(lr)
+    elif name == "adam":
+        opt = optax.adam(lr)
     else:
-        opt = optax.adamw(t.lr, weight_decay=t.weight_decay)
-    return opt if t.clip_norm is None else optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
+        opt = optax.adamw(lr, weight_decay=weight_decay)
+    return opt if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), opt)
 
 
 @dataclasses.dataclass
