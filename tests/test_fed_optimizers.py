@@ -270,7 +270,7 @@ def _arrays(run_dir):
     return mgr.latest_step(), mgr.restore(mgr.latest_step())["trainable"]
 
 
-@pytest.mark.parametrize("name", ["scaffold", "fedadam", "fedavgm"])
+@pytest.mark.parametrize("name", ["fedavgm"])   # scaffold, fedadam: test_killed_run_resumes_bit_identically
 def test_resume_is_bit_identical(name, tmp_path, monkeypatch):
     from hfl_jax import cli
     monkeypatch.chdir(ROOT)
