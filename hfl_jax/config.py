@@ -742,9 +742,15 @@ def preflight(cfg: ExperimentConfig, out_dir: str | Path | None = None) -> Exper
             except (DataError, DataNotFoundError) as e:
                 raise ConfigError(f"data.custom.{split}: {str(e).splitlines()[0]}") from None
     if cfg.data.task == "instruct":
+        from hfl_jax.data.instruct import instruct_spec, load_instruct
         for split in ("train", "validation"):
             path = cfg.data.instruct.get(split)
             _require(path is None or Path(path).is_file(), f"data.instruct.{split}", f"file {path} does not exist")
+            if path is not None:   # the fields and rows, before any model or tokenizer is loaded
+                try:
+                    load_instruct(instruct_spec(cfg.data.instruct), split)
+                except (DataError, DataNotFoundError) as e:
+                    raise ConfigError(f"data.instruct.{split}: {str(e).splitlines()[0]}") from None
     if cfg.data.tokenizer is not None:
         check_model_name(cfg.data.tokenizer, "data.tokenizer")
     _check_profiles(cfg)
