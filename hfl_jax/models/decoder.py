@@ -55,7 +55,7 @@ from hfl_jax.models.config import SUPPORTED_MODEL_TYPES as ENCODER_MODEL_TYPES
 from hfl_jax.models.config import ConfigError
 from hfl_jax.models.convert import CheckpointError
 from hfl_jax.models.layers import ATTENTION_IMPLS, LoRADense, activation, dense_init
-from hfl_jax.models.lora import LoRA
+from hfl_jax.models.lora import LoRA, depth_cut, resolve_depth
 from hfl_jax.models.precision import remat_policy
 
 Array = jax.Array
@@ -446,28 +446,14 @@ class DecoderModel:
         ``depth``, ``start_layer``, ``hidden0``: exactly :meth:`EncoderModel.hidden_states`' semantics.
         """
         L = self.cfg.num_layers
-        traced = isinstance(depth, jax.Array)
-        depth = L if depth is None else (depth if traced else int(depth))
-        start_layer = int(start_layer)
-        if not traced and not 0 <= depth <= L:
-            raise ValueError(f"depth must be in [0, {L}], got {depth}")
-        if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= (L - 1 if traced else L - depth):
-            raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
-                             f"[0, L - depth = {L if traced else L - depth}]")
+        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0)
         if segment_ids is not None and position_ids is None:
             raise ValueError("packed rows need position_ids with segment_ids")
         mask = attention_mask if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
         ctx = self._context(mask, position_ids, segment_ids)
         h = self._embed(params, input_ids) if hidden0 is None else hidden0
-        if traced:
-            h = self._run_layers(params, h, ctx, lora, start_layer, L, remat=self.remat, cut=L - depth)[0]
-            return jnp.where(depth == 0, jax.lax.stop_gradient(h), h)
-        split = L - depth
-        if split > start_layer:
-            h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split)[0])
-        if depth > 0:
-            h = self._run_layers(params, h, ctx, lora, split, L, remat=self.remat)[0]
-        return h
+        run = lambda h, start, stop, **kw: self._run_layers(params, h, ctx, lora, start, stop, **kw)[0]
+        return depth_cut(run, h, L, depth, start_layer, self.remat)
 
     def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, *, stop_layer: int) -> Array:

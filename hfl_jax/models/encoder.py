@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from hfl_jax.models import bert
 from hfl_jax.models.config import EncoderConfig
 from hfl_jax.models.layers import ATTENTION_IMPLS, Block, SelfAttention
-from hfl_jax.models.lora import LoRA
+from hfl_jax.models.lora import LoRA, depth_cut, resolve_depth
 from hfl_jax.models.precision import remat_policy
 
 Array = jax.Array
@@ -175,14 +175,7 @@ class EncoderModel:
         """
         emb, ctx_mod, block, _ = self._modules()
         L = self.cfg.num_layers
-        traced = isinstance(depth, jax.Array)   # one program for every depth (module doc)
-        depth = L if depth is None else (depth if traced else int(depth))
-        start_layer = int(start_layer)
-        if not traced and not 0 <= depth <= L:
-            raise ValueError(f"depth must be in [0, {L}], got {depth}")
-        if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= (L - 1 if traced else L - depth):
-            raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
-                             f"[0, L - depth = {L if traced else L - depth}]")
+        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0)
         if segment_ids is not None:
             if not self.packs or hidden0 is not None:
                 raise ValueError(f"packed rows need a BERT/RoBERTa model without cuDNN attention and no "
@@ -192,15 +185,8 @@ class EncoderModel:
         else:
             h = self._embed(params, input_ids, attention_mask, token_type_ids) if hidden0 is None else hidden0
             ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
-        if traced:   # one program for every depth: cut the gradient at layer L - depth's input
-            h = self._run_layers(params, h, ctx, lora, start_layer, L, remat=self.remat, cut=L - depth)
-            return jnp.where(depth == 0, jax.lax.stop_gradient(h), h)
-        split = L - depth
-        if split > start_layer:
-            h = jax.lax.stop_gradient(self._run_layers(params, h, ctx, lora, start_layer, split))
-        if depth > 0:
-            h = self._run_layers(params, h, ctx, lora, split, L, remat=self.remat)
-        return h
+        run = lambda h, start, stop, **kw: self._run_layers(params, h, ctx, lora, start, stop, **kw)
+        return depth_cut(run, h, L, depth, start_layer, self.remat)
 
     def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, *, stop_layer: int) -> Array:

@@ -141,3 +141,37 @@ def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: in
         return {**updates, "lora": mask_layers(updates["lora"], mask)}, state
 
     return optax.GradientTransformation(inner.init, update)
+
+
+def resolve_depth(num_layers: int, depth, start_layer: int, hidden0) -> tuple:
+    """``(depth, start_layer)`` of a forward pass, checked: ``depth`` (``None``: every layer; an int;
+    or a traced int32 scalar, not checked) and ``start_layer`` with its cached ``hidden0`` (given
+    iff ``start_layer > 0``, which must leave the top ``depth`` layers to run). Shared by the
+    encoder and decoder families."""
+    traced = isinstance(depth, jax.Array)
+    depth = num_layers if depth is None else (depth if traced else int(depth))
+    start_layer = int(start_layer)
+    if not traced and not 0 <= depth <= num_layers:
+        raise ValueError(f"depth must be in [0, {num_layers}], got {depth}")
+    top = num_layers - 1 if traced else num_layers - depth
+    if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= top:
+        raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
+                         f"[0, L - depth = {num_layers if traced else num_layers - depth}]")
+    return depth, start_layer
+
+
+def depth_cut(run_layers, h, num_layers: int, depth, start_layer: int, remat: str):
+    """Layers ``[start_layer, L)`` with gradients only through the top ``depth``:
+    ``run_layers(h, start, stop, remat="none", cut=None) -> h`` runs a slice of the stacked layers.
+    A static depth runs the frozen bottom layers under ``stop_gradient`` (no backward pass through
+    them); a traced one runs every layer in one scan and cuts the gradient at layer ``L - depth``'s
+    input (one program for every depth)."""
+    if isinstance(depth, jax.Array):
+        h = run_layers(h, start_layer, num_layers, remat=remat, cut=num_layers - depth)
+        return jnp.where(depth == 0, jax.lax.stop_gradient(h), h)
+    split = num_layers - depth
+    if split > start_layer:
+        h = jax.lax.stop_gradient(run_layers(h, start_layer, split))
+    if depth > 0:
+        h = run_layers(h, split, num_layers, remat=remat)
+    return h
