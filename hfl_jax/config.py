@@ -215,6 +215,9 @@ class AlgorithmConfig:
     sample_balance: float = 0.0         # grouping: weight of the sample-balance term (0: the paper's objective)
     grouping: GroupingConfig = GroupingConfig()   # grouping signal and its privacy
     depths: Optional[tuple[int, ...]] = None   # depth grid (None: 1, 2, 4, ... up to L, and L)
+    # Which d layers a fine-tuning depth d trains (every depth arm): top (layers L-d .. L-1, the
+    # paper's), bottom (0 .. d-1), spread (d evenly spaced, the top one included); hfl_jax.models.lora.layer_mask
+    layer_policy: str = "top"
     taus: tuple[int, ...] = (1, 2, 3)   # intra-group aggregation frequencies
     fixed_depth: Optional[int] = None   # hierfedlora_fixed (None: L // 2)
     fixed_tau: int = 1
@@ -395,6 +398,7 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     from hfl_jax.data.partition import PARTITIONERS
     from hfl_jax.fed.group_aggregators import SPARSITY
     from hfl_jax.algos.selectors import REWARDS
+    from hfl_jax.models.lora import LAYER_POLICIES
 
     t, p, a, l = cfg.train, cfg.partition, cfg.algorithm, cfg.lora
     _require(cfg.name.strip() != "", "name", "must not be empty")
@@ -456,6 +460,8 @@ def validate(cfg: ExperimentConfig, num_layers: int | None = None) -> Experiment
     _require(a.depths is None or len(a.depths) > 0, "algorithm.depths",
              "the arm grid is empty; list depths (e.g. [2, 4]) or omit the key for the default 1, 2, 4, ..., L")
     _require(a.depths is None or min(a.depths) >= 1, "algorithm.depths", f"depths must be >= 1, got {a.depths}")
+    _require(a.layer_policy in LAYER_POLICIES, "algorithm.layer_policy",
+             f"one of {', '.join(LAYER_POLICIES)}; got {a.layer_policy!r}")
     family = family_of_name(cfg.model.name)
     if family is not None:   # else model_num_layers checks them against the checkpoint's config.json
         _check_lora_targets(l.targets, family)

@@ -39,6 +39,7 @@ from hfl_jax.files import write_atomic
 from hfl_jax.report import record_totals
 from hfl_jax.data.splits import training_rows  # noqa: F401  (re-exported)
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
+from hfl_jax.models.lora import lowest_trained_layer
 from hfl_jax.models.tiny import TINY_MODELS
 from hfl_jax.objectives import Prepared, objective_for
 from hfl_jax.objectives.classification import load_text, tokenize_text  # noqa: F401  (re-exported)
@@ -95,7 +96,8 @@ def build_model(cfg: ExperimentConfig, num_labels: int = 2, vocab_size: int | No
     mode = cfg.model.unroll
     if mode == "always" or (mode == "auto" and auto_unroll(model.cfg, jax.default_backend())):
         model = dataclasses.replace(model, unroll=True)
-    model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat)
+    model = dataclasses.replace(model, attention=cfg.model.attention, remat=cfg.model.remat,
+                                layer_policy=cfg.algorithm.layer_policy)
     return model, params
 
 
@@ -257,7 +259,8 @@ def workload(cfg: ExperimentConfig) -> Workload:
     return Workload(local_steps=t.local_steps, batch_size=t.batch_size, seq_len=cfg.data.max_length,
                     rank=cfg.lora.rank, targets=tuple(cfg.lora.targets),
                     edge_cloud_bandwidth=cfg.devices.edge_cloud_bandwidth, edge_latency=cfg.devices.edge_latency,
-                    cloud_latency=cfg.devices.cloud_latency, two_tier=cfg.devices.two_tier)
+                    cloud_latency=cfg.devices.cloud_latency, two_tier=cfg.devices.two_tier,
+                    layer_policy=cfg.algorithm.layer_policy)
 
 
 def grouping_inputs(cfg: ExperimentConfig, model, params, train: dict, parts) -> dict:
@@ -305,12 +308,13 @@ def build(cfg: ExperimentConfig) -> Experiment:
     base = base_of(params)
     cached = 0
     if cfg.train.cache_frozen_layers:
-        from hfl_jax.fed.frozen_cache import cached_layers
-        cached = cached_layers(algorithm.depths, model.num_layers)
+        # the layers below every arm's lowest trained layer (top: L - max(depths)); none under bottom
+        cached = min(lowest_trained_layer(model.num_layers, int(d), model.layer_policy) for d in algorithm.depths)
         if cached == 0:
-            raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm of depth "
-                             f"{model.num_layers} = every layer, so no layer is frozen for all arms; turn it off "
-                             f"or use a depth grid below {model.num_layers}")
+            raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm that trains "
+                             f"layer 0 (depth {model.num_layers} = every layer, or algorithm.layer_policy "
+                             f"{model.layer_policy!r}), so no layer is frozen for all arms; turn it off "
+                             f"or use a depth grid below {model.num_layers} with the top or spread policy")
     prepare = _data_preparer(cfg, model, base, cached)
     probe_data = make_device_data(train, probe_parts) if probe_parts is not None else None
     if cached:

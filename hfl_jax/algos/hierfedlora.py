@@ -107,7 +107,8 @@ def hierarchical(name: str, *, group, selector, arm_depths, arm_taus, group_sign
         for k, arm, record, fb in pulls:
             sel, learned = selector.update(sel, k, arm, fb._replace(round_time=seconds))
             record.update(learned)
-        trainable = stages.global_aggregate(state.trainable, results, groups=env.num_groups)
+        trainable = stages.global_aggregate(state.trainable, results, groups=env.num_groups,
+                                            policy=env.model.layer_policy)
         return stages.finish_round(state, trainable, costs, groups, dropped, host={"selector": sel})
 
     depths = tuple(sorted(set(arm_depths.tolist())))

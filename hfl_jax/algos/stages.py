@@ -292,7 +292,8 @@ def programs(env: Env, trainable: Any, *, depths, probes: bool = False, aggregat
             flags = env.axis.put(np.ones(size, bool))
             jax.block_until_ready(flags & flags)
         for n in ((env.num_groups,) if pad_groups else range(1, env.num_groups + 1)):
-            jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n))
+            jax.block_until_ready(global_aggregate(trainable, [(trainable, int(depths[0]), 1.0)] * n,
+                                                   policy=env.model.layer_policy))
     return out + [eager_ops]
 
 
@@ -312,27 +313,30 @@ def arm_costs(env: Env, g: GroupView, arm_depths: np.ndarray, arm_taus: np.ndarr
                               arm_depths, arm_taus, time_budget)
 
 
-def global_aggregate(prev: Any, results: list, *, groups: int | None = None) -> Any:
+def global_aggregate(prev: Any, results: list, *, groups: int | None = None, policy: str = "top") -> Any:
     """The cloud's layer-wise aggregation (:func:`~hfl_jax.fed.aggregate.layerwise_aggregate`) of
     ``results``: ``[(group trainable, depth, weight)]``; ``prev`` when no group trained.
 
     ``groups``: pad ``results`` to this many entries with ``prev`` at weight 0 (no contribution:
-    the same values), so one compiled program serves a round whatever number of groups trained."""
+    the same values), so one compiled program serves a round whatever number of groups trained.
+    ``policy``: the layers a depth trains (the model's ``layer_policy``, ``env.model.layer_policy``);
+    any policy trains every layer at depth ``L``, so the flat algorithms leave it out."""
     if not results:
         return prev
     if groups is not None:
         results = list(results) + [(prev, 0, 0.0)] * (groups - len(results))
     return _layerwise(tuple(tr for tr, _, _ in results), jnp.asarray([d for _, d, _ in results]),
-                      jnp.asarray([w for _, _, w in results], jnp.float32), prev)
+                      jnp.asarray([w for _, _, w in results], jnp.float32), prev, policy=policy)
 
 
-@jax.jit
-def _layerwise(trainables: tuple, depths: jax.Array, weights: jax.Array, prev: Any) -> Any:
+@functools.partial(jax.jit, static_argnames="policy")
+def _layerwise(trainables: tuple, depths: jax.Array, weights: jax.Array, prev: Any, policy: str = "top") -> Any:
     """One compiled program per number of groups (op by op, every leaf shape and group count
     compiled its own small programs: seconds of start-up on CPU). Bit-identical to the eager one
     (``experiments/equivalence``)."""
     g_tr = jax.tree.map(lambda *xs: jnp.stack(xs), *trainables)
-    lora, head = layerwise_aggregate(g_tr["lora"], g_tr.get("head"), depths, weights, prev["lora"], prev.get("head"))
+    lora, head = layerwise_aggregate(g_tr["lora"], g_tr.get("head"), depths, weights, prev["lora"], prev.get("head"),
+                                     policy)
     return {"lora": lora} if "head" not in prev else {"lora": lora, "head": head}   # decoders: LoRA only
 
 

@@ -3,7 +3,7 @@
 * :func:`weighted_mean` -- intra-group FedAvg over the device axis, weighted by
   sample counts, dropping devices whose update is not finite.
 * :func:`layerwise_aggregate` -- HierFedLoRA's global step over groups that
-  trained different depths: each layer is averaged over the groups that trained it.
+  trained different depths (any layer policy): each layer is averaged over the groups that trained it.
 * :func:`pad_rank` / :func:`truncate_rank` / :func:`rank_padded_mean` -- the
   zero-padding aggregation of adapters of different ranks (HetLoRA).
 * :func:`svd_product_mean` -- the mean of full products ``A B``, refactored by a
@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hfl_jax.models.lora import LoRA
+from hfl_jax.models.lora import LoRA, layer_mask
 
 Array = jax.Array
 
@@ -61,16 +61,18 @@ def weighted_mean(tree: Any, weights: Array, fallback: Any | None = None) -> tup
     return jax.tree.map(mean, tree, fallback), finite
 
 
-def trained_layers(num_layers: int, depths: Array) -> Array:
-    """``[K, L]`` bool: group ``k`` trained layer ``l`` iff ``l >= L - depths[k]``."""
-    return jnp.arange(num_layers)[None, :] >= (num_layers - jnp.asarray(depths))[:, None]
+def trained_layers(num_layers: int, depths: Array, policy: str = "top") -> Array:
+    """``[K, L]`` bool: group ``k`` trained layer ``l`` at ``depths[k]`` under ``policy``
+    (:func:`~hfl_jax.models.lora.layer_mask`; ``top``: iff ``l >= L - depths[k]``)."""
+    return layer_mask(num_layers, jnp.asarray(depths)[:, None], policy)
 
 
 def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weights: Array,
-                        prev_lora: LoRA, prev_head: Any = None) -> tuple[LoRA, Any]:
+                        prev_lora: LoRA, prev_head: Any = None, policy: str = "top") -> tuple[LoRA, Any]:
     """HierFedLoRA's global, layer-wise aggregation.
 
-    For each layer ``l``: ``W_l = sum_k w_k 1[l in top d_k] W_{k,l} / sum_k w_k 1[l in top d_k]``;
+    For each layer ``l``: ``W_l = sum_k w_k 1[k trained l] W_{k,l} / sum_k w_k 1[k trained l]``
+    (:func:`trained_layers`: ``top``, the paper's, is ``l`` in the top ``d_k``);
     a layer no group trained keeps ``prev_lora``'s value. The head is the
     ``w``-weighted mean over all groups (every group trains it).
 
@@ -81,9 +83,10 @@ def layerwise_aggregate(group_lora: LoRA, group_heads: Any, depths: Array, weigh
       weights: ``[K]`` sample counts of the groups (0 for a group that skipped the round).
       prev_lora: the previous global LoRA (leaves ``[L, ...]``).
       prev_head: the previous global head, kept if every group's weight is 0.
+      policy: which layers a depth trains (``algorithm.layer_policy``; static).
     """
     num_layers = jax.tree.leaves(prev_lora)[0].shape[0]
-    mask = trained_layers(num_layers, depths) & (jnp.asarray(weights) > 0)[:, None]   # [K, L]
+    mask = trained_layers(num_layers, depths, policy) & (jnp.asarray(weights) > 0)[:, None]   # [K, L]
     w = mask * jnp.asarray(weights, jnp.float32)[:, None]                             # [K, L]
     total = w.sum(0)                                                                   # [L]
 

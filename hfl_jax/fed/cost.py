@@ -29,6 +29,7 @@ class Workload:
     hierarchical: bool = True          # groups aggregate at an edge node, then the cloud (hop counted)
     probe: bool = False                # a bandit probe: 2 forward passes + 1 download per device per round
     factors: str = "AB"                # LoRA factors exchanged ("A", "B" or both; see timemodel.lora_bytes)
+    layer_policy: str = "top"          # which d layers a depth trains (algorithm.layer_policy; models.lora.layer_mask)
 
 
 def per_rank(fn, ranks: np.ndarray) -> np.ndarray:
@@ -49,11 +50,13 @@ def group_cost(model_cfg, profiles: dict, work: Workload, ids: np.ndarray, ranks
                tau: int) -> dict:
     """Simulated seconds and bytes of one group's round for its present devices ``ids``, per tier.
 
-    Devices download every layer's adapters at the first intra-group round (the bottom layers
-    may have changed globally) and only their top ``depth`` layers afterwards; they upload their
-    top ``depth`` layers plus the head each time. A bandit that probes also pays for it: two
-    forward passes of one batch per device, and one more download of the group model's top
-    ``depth`` layers plus the head (spread over the ``tau`` intra-rounds).
+    Devices download every layer's adapters at the first intra-group round (the other layers
+    may have changed globally) and only their ``depth`` trained layers afterwards (the top ones
+    under ``work.layer_policy`` ``top``); they upload their trained layers plus the head each
+    time, and compute as :func:`~hfl_jax.fed.timemodel.step_flops` says for the policy (the
+    backward pass down to the lowest trained layer). A bandit that probes also pays for it: two
+    forward passes of one batch per device, and one more download of the group model's
+    ``depth`` trained layers plus the head (spread over the ``tau`` intra-rounds).
 
     Tiers: a hierarchical algorithm's devices talk to their group's edge server (``up_bw`` /
     ``down_bw``, ``edge_latency`` per message), and the edge server exchanges the group model
@@ -75,13 +78,13 @@ def group_cost(model_cfg, profiles: dict, work: Workload, ids: np.ndarray, ranks
     lora_bytes = lambda layers, r: timemodel.lora_bytes(cfg, layers, r, work.targets, factors=work.factors)
     head = timemodel.head_bytes(cfg)
     kw = dict(local_steps=work.local_steps, batch_size=work.batch_size, seq_len=work.seq_len,
-              depth=depth, targets=work.targets, factors=work.factors)
+              depth=depth, targets=work.targets, factors=work.factors, policy=work.layer_policy)
     cloud_direct = not work.hierarchical and work.two_tier
     if cloud_direct:  # the time model reads up_bw / down_bw: give it the cloud links
         prof = dict(prof, up_bw=prof["cloud_up_bw"], down_bw=prof["cloud_down_bw"])
     latency = (work.cloud_latency if cloud_direct else work.edge_latency) if work.two_tier else 0.0
     compute = per_rank(lambda r: work.local_steps * timemodel.step_flops(
-        cfg, work.batch_size, work.seq_len, depth, r, work.targets), ranks) / prof["flops"]
+        cfg, work.batch_size, work.seq_len, depth, r, work.targets, policy=work.layer_policy), ranks) / prof["flops"]
     first = per_rank(lambda r: timemodel.device_round_time(cfg, prof, rank=r, down_layers=L, **kw), ranks)
     later = per_rank(lambda r: timemodel.device_round_time(cfg, prof, rank=r, down_layers=depth, **kw), ranks)
     if latency:
@@ -164,8 +167,8 @@ def arm_costs(model_cfg, profiles: dict, work: Workload, ids: np.ndarray, ranks:
     round time exceeds ``time_budget`` (None: no time limit).
     """
     r = int(ranks.max())
-    mem = [timemodel.memory_needed(model_cfg, work.batch_size, work.seq_len, int(d), r, work.targets)
-           for d in arm_depths]
+    mem = [timemodel.memory_needed(model_cfg, work.batch_size, work.seq_len, int(d), r, work.targets,
+                                   policy=work.layer_policy) for d in arm_depths]
     est = np.array([group_cost(model_cfg, profiles, work, ids, ranks, int(d), int(t))["time"]
                     for d, t in zip(arm_depths, arm_taus)])
     ok = feasible_arms(arm_depths, arm_taus, mem, est, float(profiles["memory"][ids].min()), time_budget)

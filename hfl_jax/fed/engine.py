@@ -10,6 +10,7 @@ and the frozen base, and aggregates the devices' results in the same call
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -101,7 +102,13 @@ def make_evaluate(model):
     objective's evaluation (:func:`hfl_jax.objectives.objective_of`). Classification: mean
     cross-entropy and accuracy over an :class:`~hfl_jax.data.EvalBatches` or a packed
     :class:`~hfl_jax.data.packing.PackedEval`; causal LM: mean next-token loss on response tokens
-    and the in-graph main metric (:mod:`hfl_jax.objectives.causal_lm`)."""
+    and the in-graph main metric (:mod:`hfl_jax.objectives.causal_lm`).
+
+    Evaluation differentiates nothing, so the model's ``layer_policy`` does not matter; it runs
+    under ``top``, whose depth ``L - start`` the objectives pass with cached hidden states (the
+    lowest layer another policy trains at that depth may lie below the cache)."""
+    if getattr(model, "layer_policy", "top") != "top":
+        model = dataclasses.replace(model, layer_policy="top")
     return jit(objective_of(model).evaluate_fn(model))
 
 

@@ -4,8 +4,9 @@ The trainable state of a device is ``{"lora": LoRA, "head": head_params}`` (an e
 ``{"lora": LoRA}`` (a decoder LLM's: no head); the frozen base parameters (everything but ``"head"``)
 are a separate argument
 that is broadcast, never copied per device. Fine-tuning depth cuts the backward
-pass (``stop_gradient`` below the top ``depth`` layers) and masks the optimizer's
-updates (:func:`hfl_jax.models.lora.depth_masked`). It is static (one program per
+pass (``stop_gradient`` below the lowest trained layer: the top ``depth`` layers' with the
+model's ``layer_policy`` ``top``) and masks the optimizer's updates to the trained layers
+(:func:`hfl_jax.models.lora.depth_masked`). It is static (one program per
 depth), or ``None`` in :func:`make_local_train`: then the local round takes it as a
 traced argument and one program serves every depth (``train.depth_program: shared``).
 """
@@ -36,16 +37,20 @@ def make_loss_fn(model, depth: int, start_layer: int = 0) -> Callable:
     return objective_of(model).loss_fn(model, depth, start_layer)
 
 
-def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: int) -> optax.GradientTransformation:
-    """The device optimizer at ``depth``: ``inner`` with LoRA updates below the top ``depth`` layers zeroed."""
-    return depth_masked(inner, num_layers, depth)
+def make_optimizer(inner: optax.GradientTransformation, num_layers: int, depth: int,
+                   policy: str = "top") -> optax.GradientTransformation:
+    """The device optimizer at ``depth``: ``inner`` with the LoRA updates of every layer ``policy``
+    does not train at ``depth`` zeroed (:func:`hfl_jax.models.lora.layer_mask`; ``top``: all but the
+    top ``depth``)."""
+    return depth_masked(inner, num_layers, depth, policy)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, depth: int,
                     start_layer: int = 0) -> Callable:
     """``step(trainable, opt_state, base, batch, offset=None) -> (trainable, opt_state, StepMetrics)``.
 
-    ``optimizer`` should come from :func:`make_optimizer` with the same depth;
+    ``optimizer`` should come from :func:`make_optimizer` with the same depth and the model's
+    ``layer_policy``;
     ``start_layer`` as in :func:`make_loss_fn`. ``offset`` (a tree like ``trainable``, or ``None``)
     is added to the optimizer's update, after the optimizer (and its depth mask): SCAFFOLD's
     control-variate correction ``-lr (c - c_i)``, which for SGD is the step on ``g - c_i + c``.
@@ -91,7 +96,7 @@ def make_local_train(model, inner: optax.GradientTransformation, depth: int | No
     def local_train(trainable, base, data_row, round_key, device_id, rank, plan=None, traced_depth=None,
                     update_offset=None):
         d = depth if depth is not None else traced_depth
-        opt = make_optimizer(inner, model.num_layers, d)
+        opt = make_optimizer(inner, model.num_layers, d, model.layer_policy)
         step = make_train_step(model, opt, d, data_row.hidden_layer)
         trainable = dict(trainable, lora=truncate_to(trainable["lora"], rank))
         if pack is None:

@@ -3,7 +3,12 @@
 HierFedLoRA (arXiv 2503.21213) gives each device a fine-tuning depth ``d``:
 the device runs the full forward pass of an ``L``-layer model but back-
 propagates only through the top ``d`` layers and trains (and exchanges) only
-their LoRA adapters plus the classification head (if the family has one). This
+their LoRA adapters plus the classification head (if the family has one).
+Another layer policy (``algorithm.layer_policy``: ``bottom``, ``spread``;
+:func:`hfl_jax.models.lora.layer_mask`) trains another set of ``d`` layers: the
+backward pass then runs from the top down to the lowest of them (its ``span``,
+:func:`backward_span`), through the untrained layers in between without their LoRA
+weight gradients, and the device still exchanges ``d`` layers' adapters. This
 module turns such a workload into FLOPs, bytes and seconds so that simulated
 heterogeneous devices (`profiles.DeviceProfile`) have realistic, depth-dependent
 round times.
@@ -26,8 +31,8 @@ seconds):
 * decoder LLMs (Llama, Qwen2, Mistral): :mod:`hfl_jax.models.decoder_cost`.
 
 A family's cost module supplies ``forward_flops(cfg, B, T, r, targets)``,
-``backward_flops(cfg, B, T, d, r, targets)``, ``layer_forward_flops``,
-``layer_backward_flops(..., input_live)``, ``base_param_count(cfg)``,
+``backward_flops(cfg, B, T, d, r, targets, span=None)``, ``layer_forward_flops``,
+``layer_backward_flops(..., input_live, trained)``, ``base_param_count(cfg)``,
 ``layer_activation_floats(cfg, B, T, r, targets)`` and ``logits_floats(cfg, B, T)``;
 a family with a trained classification head also ``head_param_count(cfg,
 num_labels)`` and a ``num_labels`` keyword on the two FLOP counts (a family
@@ -50,6 +55,7 @@ import numpy as np
 from hfl_jax.fed.profiles import DeviceProfile, profiles_to_arrays
 from hfl_jax.models import encoder_cost
 from hfl_jax.models.config import SUPPORTED_MODEL_TYPES as MODEL_TYPES
+from hfl_jax.models.lora import lowest_trained_layer
 # Re-exported: the encoders' constants and per-piece formulas (their home is encoder_cost).
 from hfl_jax.models.encoder_cost import (ACT_HIDDEN, ACT_INTERMEDIATE, ACT_SCORES,  # noqa: F401
                                          DEFAULT_TARGETS, TARGET_NAMES, _projection_backward,
@@ -102,6 +108,13 @@ def _check_depth(cfg, depth) -> int:
     return int(depth)
 
 
+def backward_span(cfg, depth: int, policy: str = "top") -> int:
+    """Layers the backward pass runs through at ``depth`` under the layer ``policy``: from the top
+    down to the lowest trained layer (:func:`hfl_jax.models.lora.lowest_trained_layer`); ``d`` for
+    ``top``, ``L`` for ``bottom`` at any ``d > 0``, 0 at depth 0."""
+    return cfg.num_layers - lowest_trained_layer(cfg.num_layers, _check_depth(cfg, depth), policy)
+
+
 def _check_positive(**kw) -> None:
     for name, v in kw.items():
         if int(v) != v or v < 1:
@@ -129,10 +142,11 @@ def layer_forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: 
 
 
 def layer_backward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str],
-                         input_live: bool = True) -> float:
-    """Backward FLOPs of one trained layer (the family's formula); `input_live` is False for the
-    lowest trained layer (its input comes from stop_gradient)."""
-    return family_cost(cfg).layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live)
+                         input_live: bool = True, trained: bool = True) -> float:
+    """Backward FLOPs of one layer in the backward pass (the family's formula); `input_live` is False
+    for the lowest trained layer (its input comes from stop_gradient); `trained` False for an
+    untrained layer above it (activation gradients only)."""
+    return family_cost(cfg).layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live, trained)
 
 
 def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] = DEFAULT_TARGETS,
@@ -145,26 +159,31 @@ def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequen
 
 
 def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
-                   targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None) -> float:
-    """Backward FLOPs at fine-tuning depth d: the top d layers (the lowest with a dead input) and
-    the head."""
+                   targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
+                   policy: str = "top") -> float:
+    """Backward FLOPs at fine-tuning depth d: the layers from the top down to the lowest one the
+    layer ``policy`` trains (``top``: the top d; the lowest with a dead input; untrained ones in
+    between without LoRA weight gradients) and the head."""
     cost = family_cost(cfg)
     depth = _check_depth(cfg, depth)
     targets = _check_targets(targets, cfg)
     _check_positive(batch_size=batch_size, seq_len=seq_len, rank=rank)
-    return cost.backward_flops(cfg, batch_size, seq_len, depth, rank, targets, **_labels(cost, num_labels))
+    span = {} if policy == "top" else {"span": backward_span(cfg, depth, policy)}
+    return cost.backward_flops(cfg, batch_size, seq_len, depth, rank, targets, **_labels(cost, num_labels), **span)
 
 
 def step_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
-               targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None) -> float:
+               targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
+               policy: str = "top") -> float:
     """Training FLOPs of one local step on a [B, T] batch at fine-tuning depth d.
 
     Forward through all L layers and the head, backward through the head and
-    the top d layers only (HierFedLoRA's depth). `num_labels` defaults to
+    the top d layers only (HierFedLoRA's depth; another layer ``policy``: down to
+    its lowest trained layer, :func:`backward_flops`). `num_labels` defaults to
     ``cfg.num_labels`` (2 if absent). Raises ValueError for depth outside [0, L].
     """
     return (forward_flops(cfg, batch_size, seq_len, rank, targets, num_labels)
-            + backward_flops(cfg, batch_size, seq_len, depth, rank, targets, num_labels))
+            + backward_flops(cfg, batch_size, seq_len, depth, rank, targets, num_labels, policy))
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +204,7 @@ def lora_layer_param_count(cfg, rank: int, targets: Sequence[str] = DEFAULT_TARG
 
 
 def lora_param_count(cfg, depth: int, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> int:
-    """LoRA parameters of the top `depth` layers (the ones a device trains)."""
+    """LoRA parameters of `depth` layers (the ones a device trains, under any layer policy)."""
     return _check_depth(cfg, depth) * lora_layer_param_count(cfg, rank, targets)
 
 
@@ -248,7 +267,7 @@ def layer_activation_floats(cfg, batch_size: int, seq_len: int, rank: int,
 
 def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
                      targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
-                     bytes_per_param: int = 4) -> dict[str, float]:
+                     bytes_per_param: int = 4, policy: str = "top") -> dict[str, float]:
     """Training memory in bytes, by component (see memory_needed)."""
     cost = family_cost(cfg)
     depth = _check_depth(cfg, depth)
@@ -263,7 +282,8 @@ def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
         "head_weights": head_param_count(cfg, num_labels) * b,
         "gradients": trainable * b,
         "adam_state": 2 * trainable * b,
-        "activations": depth * act * b,
+        # kept for the backward pass by every layer it runs through (top: the top d)
+        "activations": backward_span(cfg, depth, policy) * act * b,
         # one layer's forward, and the logits a family keeps beside it (decoders: [B, T, V])
         "working_set": act * b + cost.logits_floats(cfg, batch_size, seq_len) * b,
     }
@@ -271,15 +291,16 @@ def memory_breakdown(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
 
 def memory_needed(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
                   targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
-                  bytes_per_param: int = 4) -> float:
+                  bytes_per_param: int = 4, policy: str = "top") -> float:
     """Peak training memory in bytes at depth d (rough).
 
     Frozen base weights + LoRA adapters of all layers + head + gradients and
-    Adam moments (2x) of the trainable part (top-d LoRA + head) + activations
-    stored for backward in the top d layers + one layer's forward working set.
+    Adam moments (2x) of the trainable part (d layers' LoRA + head) + activations
+    stored for backward in the layers the backward pass runs through (the top d
+    under the ``top`` layer ``policy``) + one layer's forward working set.
     """
     return float(sum(memory_breakdown(cfg, batch_size, seq_len, depth, rank, targets, num_labels,
-                                      bytes_per_param).values()))
+                                      bytes_per_param, policy).values()))
 
 
 # ----------------------------------------------------------------------------
@@ -317,11 +338,11 @@ def comm_time(bytes_up, bytes_down, profile: ProfileLike):
 
 def device_round_time(cfg, profiles: ProfileLike, *, local_steps, batch_size, seq_len: int, depth,
                       rank: int, targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
-                      down_layers=None, bytes_per_param: int = 4, factors: str = "AB"):
+                      down_layers=None, bytes_per_param: int = 4, factors: str = "AB", policy: str = "top"):
     """Seconds for each device to run one round.
 
-    Device i runs `local_steps[i]` steps of `step_flops` at depth `depth[i]`,
-    uploads the adapters of its top `depth[i]` layers plus the head, and
+    Device i runs `local_steps[i]` steps of `step_flops` at depth `depth[i]` (layer `policy`),
+    uploads the adapters of its `depth[i]` trained layers plus the head, and
     downloads the adapters of `down_layers[i]` layers (default: its depth) plus
     the head. Arguments marked [N] may be scalars or arrays broadcast over
     devices. ``factors`` says which LoRA factors are exchanged (see :func:`lora_bytes`).
@@ -340,7 +361,7 @@ def device_round_time(cfg, profiles: ProfileLike, *, local_steps, batch_size, se
     for idx in np.ndindex(depth.shape):
         key = (int(batch[idx]), int(depth[idx]))
         if key not in cache:
-            cache[key] = step_flops(cfg, key[0], seq_len, key[1], rank, targets, num_labels)
+            cache[key] = step_flops(cfg, key[0], seq_len, key[1], rank, targets, num_labels, policy)
         flops[idx] = cache[key]
     head = head_bytes(cfg, num_labels, bytes_per_param)
     up = lora_bytes(cfg, depth, rank, targets, bytes_per_param, factors) + head

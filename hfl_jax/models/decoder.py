@@ -31,8 +31,9 @@ token of a right-padded row, and HF ``generate``'s positions on a left-padded on
 
 Depth. As :class:`~hfl_jax.models.encoder.EncoderModel`: a static depth ``d`` runs the bottom
 ``L - d`` layers under ``stop_gradient`` (no backward pass through them); a traced depth runs one
-scan and cuts the gradient at layer ``L - d``'s input; ``start_layer``/``hidden0`` restart from
-cached hidden states (:meth:`DecoderModel.bottom_hidden`).
+scan and cuts the gradient at layer ``L - d``'s input (another ``layer_policy``: at the lowest
+trained layer's); ``start_layer``/``hidden0`` restart from cached hidden states
+(:meth:`DecoderModel.bottom_hidden`).
 
 Precision (``compute_dtype``, :mod:`hfl_jax.models.precision`): matmul inputs, q/k/v, the KV cache
 and the stored dense outputs in that dtype with float32 accumulation; RMSNorm (computed in float32
@@ -55,7 +56,7 @@ from hfl_jax.models.config import SUPPORTED_MODEL_TYPES as ENCODER_MODEL_TYPES
 from hfl_jax.models.config import ConfigError
 from hfl_jax.models.convert import CheckpointError
 from hfl_jax.models.layers import ATTENTION_IMPLS, LoRADense, activation, dense_init
-from hfl_jax.models.lora import LoRA, depth_cut, resolve_depth
+from hfl_jax.models.lora import LoRA, check_layer_policy, depth_cut, resolve_depth
 from hfl_jax.models.precision import remat_policy
 
 Array = jax.Array
@@ -335,7 +336,8 @@ class DecoderModel:
     ``compute_dtype``: mixed precision (module doc; ``None``: float32). ``unroll``: the layer scan's
     unroll. ``remat``: :data:`hfl_jax.models.precision.REMAT_POLICIES` on the trained layers.
     ``attention``: accepted for interface compatibility (validated); decoders always use the einsum
-    grouped-query path.
+    grouped-query path. ``layer_policy``: which layers a fine-tuning depth trains, as
+    :attr:`EncoderModel.layer_policy <hfl_jax.models.encoder.EncoderModel>`.
     """
 
     cfg: DecoderConfig
@@ -343,11 +345,13 @@ class DecoderModel:
     unroll: int | bool = 1
     remat: str = "none"
     attention: str = "auto"
+    layer_policy: str = "top"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attention!r}; one of {ATTENTION_IMPLS}")
         remat_policy(self.remat)
+        check_layer_policy(self.layer_policy)
 
     @property
     def num_layers(self) -> int:
@@ -446,14 +450,14 @@ class DecoderModel:
         ``depth``, ``start_layer``, ``hidden0``: exactly :meth:`EncoderModel.hidden_states`' semantics.
         """
         L = self.cfg.num_layers
-        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0)
+        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0, self.layer_policy)
         if segment_ids is not None and position_ids is None:
             raise ValueError("packed rows need position_ids with segment_ids")
         mask = attention_mask if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
         ctx = self._context(mask, position_ids, segment_ids)
         h = self._embed(params, input_ids) if hidden0 is None else hidden0
         run = lambda h, start, stop, **kw: self._run_layers(params, h, ctx, lora, start, stop, **kw)[0]
-        return depth_cut(run, h, L, depth, start_layer, self.remat)
+        return depth_cut(run, h, L, depth, start_layer, self.remat, self.layer_policy)
 
     def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, *, stop_layer: int) -> Array:

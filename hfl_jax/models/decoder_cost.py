@@ -3,7 +3,9 @@
 The decoder family's part of :mod:`hfl_jax.fed.timemodel` (which asks a model config for its
 ``cost_model``). Conventions as there: matrix products only, ``2 * m * k * n`` per
 ``[m, k] @ [k, n]``; the backward pass counts the products JAX emits when the bottom
-``L - d`` layers run under ``stop_gradient`` and the frozen weights are not differentiated.
+``L - d`` layers run under ``stop_gradient`` and the frozen weights are not differentiated
+(another layer policy: the top ``span`` layers down to the lowest trained one, the untrained
+ones among them counted without LoRA weight gradients, as :mod:`hfl_jax.models.encoder_cost`).
 
 One layer on ``N = B * T`` tokens, with ``Dq = heads * head_dim`` and ``Dkv = kv_heads * head_dim``:
 
@@ -12,13 +14,17 @@ One layer on ``N = B * T`` tokens, with ``Dq = heads * head_dim`` and ``Dkv = kv
   attention shares K and V between heads but every query head still multiplies);
 * LoRA on a target ``in -> out``: ``2 N r (in + out)`` forward;
 * the LM head ``H -> V`` on every token (the loss needs every position's logits), frozen: its
-  backward is ``dx`` only, and only when the top layer is trained (depth > 0).
+  backward is ``dx`` only, and only when some layer is trained (depth > 0).
 
 Sliding windows are not discounted (XLA computes the full ``T x T`` scores and masks them).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+# frozen dx when the input is live; LoRA dB, dy B^T, dA and (input live) dx through A; an untrained
+# adapter only dy B^T and dx through A (the encoders' rule, the same products)
+from hfl_jax.models.encoder_cost import _projection_backward as _proj_backward
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,17 +36,6 @@ def _mm(m: float, k: float, n: float) -> float:
 def dims(cfg, target: str) -> tuple[int, int]:
     """(in, out) features of one of the layer's projections."""
     return tuple(cfg.lora_target_dims(target))
-
-
-def _proj_backward(tokens: int, fan_in: int, fan_out: int, rank: int, adapted: bool, live: bool) -> tuple[float, bool]:
-    """As :func:`hfl_jax.fed.timemodel._projection_backward`: frozen ``dx`` when the input is live;
-    LoRA ``dB``, ``dy B^T``, ``dA`` and (input live) ``dx`` through ``A``."""
-    flops = _mm(tokens, fan_out, fan_in) if live else 0.0
-    if adapted:
-        flops += _mm(rank, tokens, fan_out) + _mm(tokens, fan_out, rank) + _mm(fan_in, tokens, rank)
-        if live:
-            flops += _mm(tokens, rank, fan_in)
-    return flops, live or adapted
 
 
 def layer_forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str]) -> float:
@@ -64,37 +59,45 @@ def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequen
 
 
 def layer_backward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str],
-                         input_live: bool = True) -> float:
-    """Backward FLOPs of one trained layer (``input_live`` False for the lowest trained one)."""
+                         input_live: bool = True, trained: bool = True) -> float:
+    """Backward FLOPs of one layer in the backward pass (``input_live`` False for the lowest trained
+    one; ``trained`` False for an untrained one above it: activation gradients only)."""
     n = batch_size * seq_len
     t = set(targets)
     flops, live = 0.0, {}
     for p in ("q_proj", "k_proj", "v_proj"):
-        f, live[p] = _proj_backward(n, *dims(cfg, p), rank, p in t, input_live)
+        f, live[p] = _proj_backward(n, *dims(cfg, p), rank, p in t, input_live, trained)
         flops += f
     probs_live = live["q_proj"] or live["k_proj"]
     context_live = probs_live or live["v_proj"]
     score = _mm(n, cfg.num_heads * cfg.head_dim, seq_len)
     flops += score * (probs_live + live["v_proj"] + live["q_proj"] + live["k_proj"])   # dP, dV, dQ, dK
-    f, o_live = _proj_backward(n, *dims(cfg, "o_proj"), rank, "o_proj" in t, context_live)
+    f, o_live = _proj_backward(n, *dims(cfg, "o_proj"), rank, "o_proj" in t, context_live, trained)
     flops += f
     mlp_in_live = o_live or input_live   # residual around attention
-    f, gate_live = _proj_backward(n, *dims(cfg, "gate_proj"), rank, "gate_proj" in t, mlp_in_live)
+    f, gate_live = _proj_backward(n, *dims(cfg, "gate_proj"), rank, "gate_proj" in t, mlp_in_live, trained)
     flops += f
-    f, up_live = _proj_backward(n, *dims(cfg, "up_proj"), rank, "up_proj" in t, mlp_in_live)
+    f, up_live = _proj_backward(n, *dims(cfg, "up_proj"), rank, "up_proj" in t, mlp_in_live, trained)
     flops += f
-    f, _ = _proj_backward(n, *dims(cfg, "down_proj"), rank, "down_proj" in t, gate_live or up_live)
+    f, _ = _proj_backward(n, *dims(cfg, "down_proj"), rank, "down_proj" in t, gate_live or up_live, trained)
     return flops + f
 
 
-def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int, targets: Sequence[str]) -> float:
-    """Backward FLOPs at fine-tuning depth ``d``: the LM head's ``dx`` (when ``d > 0``) and the top ``d``
-    layers, the lowest with a dead input."""
+def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int, targets: Sequence[str],
+                   span: int | None = None) -> float:
+    """Backward FLOPs at fine-tuning depth ``d``: the LM head's ``dx`` (when ``d > 0``) and the top
+    ``span`` layers (default ``d``, the ``top`` layer policy), the lowest trained one with a dead input,
+    ``d - 1`` more trained ones and ``span - d`` untrained ones (activation gradients only)."""
     if depth == 0 or not targets:
         return 0.0
+    span = depth if span is None else span
     head = _mm(batch_size * seq_len, cfg.vocab_size, cfg.hidden_size)
-    return (head + layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=False)
-            + (depth - 1) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=True))
+    flops = (head + layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=False)
+             + (depth - 1) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=True))
+    if span > depth:
+        flops += (span - depth) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets,
+                                                       input_live=True, trained=False)
+    return flops
 
 
 def base_param_count(cfg) -> int:

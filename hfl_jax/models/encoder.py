@@ -15,7 +15,9 @@ The layer loop is a ``lax.scan`` over the stacked axis, so a fine-tuning depth
 layers run with gradients. A traced ``d`` (one compiled program for every depth,
 ``train.depth_program: shared``) runs all layers in one scan and cuts the gradient
 at the input of layer ``L - d`` instead: the same values, the backward pass of the
-frozen layers computed (zeros) and discarded.
+frozen layers computed (zeros) and discarded. With another ``layer_policy``
+(:func:`hfl_jax.models.lora.layer_mask`: ``bottom``, ``spread``) the cut is at the lowest
+trained layer instead of ``L - d``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from hfl_jax.models import bert
 from hfl_jax.models.config import EncoderConfig
 from hfl_jax.models.layers import ATTENTION_IMPLS, Block, SelfAttention
-from hfl_jax.models.lora import LoRA, depth_cut, resolve_depth
+from hfl_jax.models.lora import LoRA, check_layer_policy, depth_cut, resolve_depth
 from hfl_jax.models.precision import remat_policy
 
 Array = jax.Array
@@ -96,6 +98,8 @@ class EncoderModel:
     GPU inputs, the einsum path on CPU).
     ``remat``: rematerialisation of the trained layers
     (:data:`hfl_jax.models.precision.REMAT_POLICIES`).
+    ``layer_policy``: which ``depth`` layers a fine-tuning depth trains
+    (:func:`hfl_jax.models.lora.layer_mask`; ``algorithm.layer_policy``): ``top``, ``bottom``, ``spread``.
     """
 
     cfg: EncoderConfig
@@ -103,11 +107,13 @@ class EncoderModel:
     unroll: int | bool = 1  # lax.scan unroll over layers; True unrolls fully (XLA cost analysis counts loops once)
     attention: str = "auto"
     remat: str = "none"
+    layer_policy: str = "top"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attention!r}; one of {ATTENTION_IMPLS}")
         remat_policy(self.remat)  # validates the name
+        check_layer_policy(self.layer_policy)
 
     @property
     def family(self) -> Family:
@@ -163,19 +169,21 @@ class EncoderModel:
         (:mod:`hfl_jax.data.packing`; :attr:`packs` models only), each token attending only to its
         own segment; ``attention_mask`` is then ignored.
 
-        ``depth`` (static int, default all layers): only the top ``depth`` layers
-        are differentiated; gradients stop at their input. A traced int32 scalar gives the
-        same values and gradients from one program for every depth (module doc); it is not
-        checked (the caller keeps it in ``[0, L - start_layer]``).
+        ``depth`` (static int, default all layers): only the layers from the lowest one
+        :attr:`layer_policy` trains (``top``: the top ``depth``) up are differentiated; gradients
+        stop at its input. A traced int32 scalar gives the same values and gradients from one
+        program for every depth (module doc); it is not checked (the caller keeps the lowest
+        trained layer at or above ``start_layer``).
 
         ``hidden0`` (``[B, T, H]``, optional) with ``start_layer`` (static int): start from
         these hidden states, taken as the output of layer ``start_layer - 1`` (e.g. from
         :meth:`bottom_hidden`), and run only layers ``[start_layer, L)``; the embeddings
-        are skipped (``input_ids`` may then be ``None``). Needs ``depth <= L - start_layer``.
+        are skipped (``input_ids`` may then be ``None``). Needs ``start_layer`` at most the lowest
+        trained layer (``top``: ``depth <= L - start_layer``).
         """
         emb, ctx_mod, block, _ = self._modules()
         L = self.cfg.num_layers
-        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0)
+        depth, start_layer = resolve_depth(L, depth, start_layer, hidden0, self.layer_policy)
         if segment_ids is not None:
             if not self.packs or hidden0 is not None:
                 raise ValueError(f"packed rows need a BERT/RoBERTa model without cuDNN attention and no "
@@ -186,7 +194,7 @@ class EncoderModel:
             h = self._embed(params, input_ids, attention_mask, token_type_ids) if hidden0 is None else hidden0
             ctx = ctx_mod.apply({"params": params["extras"]}, attention_mask, h)
         run = lambda h, start, stop, **kw: self._run_layers(params, h, ctx, lora, start, stop, **kw)
-        return depth_cut(run, h, L, depth, start_layer, self.remat)
+        return depth_cut(run, h, L, depth, start_layer, self.remat, self.layer_policy)
 
     def bottom_hidden(self, params: Params, input_ids: Array, attention_mask: Array,
                       token_type_ids: Array | None = None, *, stop_layer: int) -> Array:

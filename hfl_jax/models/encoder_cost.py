@@ -7,7 +7,11 @@ counterpart of :mod:`hfl_jax.models.decoder_cost`. Conventions as there: matrix 
 the products JAX emits when the bottom ``L - d`` layers run under ``stop_gradient`` and the frozen
 weights are not differentiated: a frozen weight in ``y = x W`` costs one product
 (``dx = dy W^T``), and only when ``x`` depends on trained parameters; a LoRA pair costs ``dB``,
-``dy B^T``, ``dA`` and, again only when ``x`` is live, ``dx``. Elementwise work (layer norm,
+``dy B^T``, ``dA`` and, again only when ``x`` is live, ``dx``. Under the ``bottom`` and ``spread``
+layer policies the backward pass runs through the ``span`` layers from the lowest trained one
+up; the untrained ones among them are counted as a device that does not differentiate frozen
+adapters runs them (activation gradients, ``dy B^T`` and ``dx`` through a frozen pair, no ``dB``,
+``dA``); the JAX program here also computes those weight gradients and discards them. Elementwise work (layer norm,
 softmax, GELU, residuals, scaling) and embedding gathers are not counted. docs/time_model.md
 has every formula and assumption.
 
@@ -184,58 +188,64 @@ def forward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequen
 
 
 def _projection_backward(tokens: int, fan_in: int, fan_out: int, rank: int, adapted: bool,
-                         input_live: bool) -> tuple[float, bool]:
+                         input_live: bool, trained: bool = True) -> tuple[float, bool]:
     """Backward of y = x W (+ (x A) B); returns (FLOPs, whether y is live).
 
     "Live" means the value depends on trained parameters, so JAX carries a
     cotangent for it. W is frozen: dx = dy W^T only if x is live. LoRA: dB =
     (xA)^T dy, g = dy B^T, dA = x^T g, and dx += g A^T only if x is live.
+    An adapter that is not ``trained`` (a layer the layer policy skips, above the
+    lowest trained one) costs only its share of dx: g = dy B^T and g A^T, when x is live.
     """
-    out_live = input_live or adapted
+    out_live = input_live or (adapted and trained)
     flops = matmul_flops(tokens, fan_out, fan_in) if input_live else 0.0
-    if adapted:
+    if adapted and trained:
         flops += (matmul_flops(rank, tokens, fan_out)      # dB
                   + matmul_flops(tokens, fan_out, rank)    # g = dy B^T
                   + matmul_flops(fan_in, tokens, rank))    # dA
         if input_live:
             flops += matmul_flops(tokens, rank, fan_in)    # dx through A
+    elif adapted and input_live:
+        flops += matmul_flops(tokens, fan_out, rank) + matmul_flops(tokens, rank, fan_in)   # g, dx through A
     return flops, out_live
 
 
 def layer_backward_flops(cfg, batch_size: int, seq_len: int, rank: int, targets: Sequence[str],
-                         input_live: bool = True) -> float:
-    """Backward FLOPs of one trained layer.
+                         input_live: bool = True, trained: bool = True) -> float:
+    """Backward FLOPs of one layer in the backward pass.
 
     `input_live` is False for the lowest trained layer (its input comes from
     stop_gradient), which then skips every product that would only carry a
     gradient further down. For a layer with a live input this is the forward
     projections once more (dx), the two attention products twice (both
-    operands need gradients) and the LoRA products twice.
+    operands need gradients) and the LoRA products twice. `trained` False: a layer
+    the layer policy skips above the lowest trained one (its input is live): the
+    activation gradients only, no LoRA weight gradients.
     """
     targets = _check_targets(targets)
     H, I, N = cfg.hidden_size, cfg.intermediate_size, batch_size * seq_len
     flops, live = 0.0, {}
     for proj in ("query", "key", "value"):
-        f, live[proj] = _projection_backward(N, H, H, rank, proj in targets, input_live)
+        f, live[proj] = _projection_backward(N, H, H, rank, proj in targets, input_live, trained)
         flops += f
     probs_live = live["query"] or live["key"]
     context_live = probs_live or live["value"]
     score = matmul_flops(N, H, seq_len)  # any one of the four attention-backward products
     flops += score * (probs_live + live["value"] + live["query"] + live["key"])  # dP, dV, dQ, dK
-    flops += _relative_position_backward(cfg, batch_size, seq_len, rank, targets, live)
-    f, attn_out_live = _projection_backward(N, H, H, rank, "attention_output" in targets, context_live)
+    flops += _relative_position_backward(cfg, batch_size, seq_len, rank, targets, live, trained)
+    f, attn_out_live = _projection_backward(N, H, H, rank, "attention_output" in targets, context_live, trained)
     flops += f
     ffn_in_live = attn_out_live or input_live  # residual around attention
-    f, inter_live = _projection_backward(N, H, I, rank, "intermediate" in targets, ffn_in_live)
+    f, inter_live = _projection_backward(N, H, I, rank, "intermediate" in targets, ffn_in_live, trained)
     flops += f
-    f, _ = _projection_backward(N, I, H, rank, "output" in targets, inter_live)
+    f, _ = _projection_backward(N, I, H, rank, "output" in targets, inter_live, trained)
     return flops + f
 
 
 def _relative_position_backward(cfg, batch_size: int, seq_len: int, rank: int, targets: tuple[str, ...],
-                                live: Mapping[str, bool]) -> float:
+                                live: Mapping[str, bool], trained: bool = True) -> float:
     """DeBERTa c2p/p2c backward: gradient to the content side (dQ for c2p, dK for p2c)
-    when live, and to the position side only when it carries a shared, adapted
+    when live, and to the position side only when it carries a shared, adapted and trained
     query/key projection (then also that LoRA's dB, dy B^T, dA on 2S rows)."""
     H, N, P = cfg.hidden_size, batch_size * seq_len, 2 * relative_span(cfg, seq_len)
     flops = 0.0
@@ -244,7 +254,7 @@ def _relative_position_backward(cfg, batch_size: int, seq_len: int, rank: int, t
             continue
         if live[content]:
             flops += matmul_flops(N, P, H)
-        if _shares_att_key(cfg) and proj in targets:
+        if _shares_att_key(cfg) and proj in targets and trained:
             flops += matmul_flops(P, N, H) + _projection_backward(P, H, H, rank, True, False)[0]
     return flops
 
@@ -261,13 +271,20 @@ def head_backward_flops(cfg, batch_size: int, num_labels: int | None = None, inp
 
 
 def backward_flops(cfg, batch_size: int, seq_len: int, depth: int, rank: int,
-                   targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None) -> float:
-    """Backward FLOPs at fine-tuning depth d: top d layers (the lowest with a dead input) and the head
-    (its dense ``dx`` only when the encoder is live: ``d > 0`` and some target)."""
+                   targets: Sequence[str] = DEFAULT_TARGETS, num_labels: int | None = None,
+                   span: int | None = None) -> float:
+    """Backward FLOPs at fine-tuning depth d: the top ``span`` layers (default ``d``, the ``top``
+    layer policy), down to the lowest trained one (a dead input), of which ``d`` are trained and
+    ``span - d`` only pass activation gradients, and the head (its dense ``dx`` only when the
+    encoder is live: ``d > 0`` and some target)."""
+    span = depth if span is None else span
     flops = 0.0
     if depth > 0:
         flops += layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=False)
         flops += (depth - 1) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets, input_live=True)
+        if span > depth:
+            flops += (span - depth) * layer_backward_flops(cfg, batch_size, seq_len, rank, targets,
+                                                           input_live=True, trained=False)
     encoder_live = depth > 0 and bool(targets)
     return flops + head_backward_flops(cfg, batch_size, num_labels, input_live=encoder_live)
 

@@ -1,4 +1,4 @@
-"""Pure-functional LoRA: adapters as their own pytree, merging, and depth masks.
+"""Pure-functional LoRA: adapters as their own pytree, merging, and the trained layer set (depth masks).
 
 For a frozen projection ``y = x W`` (``W: [in, out]``) LoRA adds
 ``scale * (x A) B`` with ``A: [in, r]``, ``B: [r, out]`` and ``scale = alpha / r``
@@ -111,11 +111,59 @@ def merge_lora(params: dict, lora: LoRA, paths: Mapping[str, Sequence[str]] | No
     return {**params, "layers": layers}
 
 
-def layer_mask(num_layers: int, depth: int) -> np.ndarray:
-    """``[L]`` bool, True for the top ``depth`` layers (the ones that are fine-tuned)."""
-    if not 0 <= depth <= num_layers:
+LAYER_POLICIES = ("top", "bottom", "spread")
+
+
+def check_layer_policy(policy: str) -> str:
+    """``policy`` if it is one of :data:`LAYER_POLICIES`, else ValueError."""
+    if policy not in LAYER_POLICIES:
+        raise ValueError(f"unknown layer policy {policy!r}; one of {', '.join(LAYER_POLICIES)}")
+    return policy
+
+
+def layer_mask(num_layers: int, depth, policy: str = "top"):
+    """``[L]`` bool, True for the ``depth`` layers that are fine-tuned (``algorithm.layer_policy``):
+
+    * ``top``: layers ``>= L - d`` (HierFedLoRA's depth);
+    * ``bottom``: layers ``< d``;
+    * ``spread``: ``d`` layers evenly spaced from the top, ``L - 1 - floor(k L / d)`` for
+      ``k = 0 .. d - 1`` (``d = L``: every layer; ``d = 1``: the top one).
+
+    ``depth`` an int (checked, numpy result), or a traced int32 array (not checked; a ``jnp``
+    result of shape ``depth.shape + (L,)``, so ``depths[:, None]`` gives ``[K, L]``).
+    """
+    check_layer_policy(policy)
+    if isinstance(depth, jax.Array):
+        xp = jnp
+    else:
+        if not 0 <= depth <= num_layers:
+            raise ValueError(f"depth must be in [0, {num_layers}], got {depth}")
+        xp = np
+    layers = xp.arange(num_layers)
+    if policy == "top":
+        return layers >= num_layers - depth
+    if policy == "bottom":
+        return layers < depth
+    # spread: layer L - 1 - j is trained iff j = floor(k L / d) for some k in [0, d), i.e. iff the
+    # interval [j d / L, (j + 1) d / L) holds an integer: ceil(j d / L) * L < (j + 1) d
+    j = num_layers - 1 - layers
+    return (j * depth + num_layers - 1) // num_layers * num_layers < (j + 1) * depth
+
+
+def lowest_trained_layer(num_layers: int, depth, policy: str = "top"):
+    """The lowest layer :func:`layer_mask` trains, ``L`` at depth 0: the backward pass runs from the
+    top down to it. ``depth`` an int (checked) or a traced int32 scalar (then a traced result)."""
+    check_layer_policy(policy)
+    traced = isinstance(depth, jax.Array)
+    if not traced and not 0 <= depth <= num_layers:
         raise ValueError(f"depth must be in [0, {num_layers}], got {depth}")
-    return np.arange(num_layers) >= num_layers - depth
+    if policy == "top":
+        return num_layers - depth
+    if policy == "bottom":
+        lowest = 0
+    else:   # spread: its last index, k = d - 1
+        lowest = num_layers - 1 - (depth - 1) * num_layers // (jnp.maximum(depth, 1) if traced else max(depth, 1))
+    return jnp.where(depth > 0, lowest, num_layers) if traced else (lowest if depth > 0 else num_layers)
 
 
 def mask_layers(tree: Any, mask: Array) -> Any:
@@ -123,18 +171,18 @@ def mask_layers(tree: Any, mask: Array) -> Any:
     return jax.tree.map(lambda x: x * mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), tree)
 
 
-def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: int) -> optax.GradientTransformation:
-    """Wraps an optimizer for a ``{"lora": LoRA, "head": ...}`` trainable tree so that
-    LoRA updates below the top ``depth`` layers are exactly zero (the head is always trained).
+def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: int,
+                 policy: str = "top") -> optax.GradientTransformation:
+    """Wraps an optimizer for a ``{"lora": LoRA, "head": ...}`` trainable tree so that the LoRA
+    updates of every layer outside :func:`layer_mask` (``depth``, ``policy``) are exactly zero (the
+    head is always trained).
 
-    Together with the ``stop_gradient`` cut in the forward pass this makes the frozen
-    layers' adapters bit-identical across steps, whatever the optimizer's state holds.
+    Together with the ``stop_gradient`` cut in the forward pass this makes the untrained
+    layers' adapters bit-identical across steps, whatever the optimizer's state holds (those
+    between trained layers get a gradient, which the mask discards).
     ``depth`` may be a traced int32 scalar (one program for every depth; not checked).
     """
-    if isinstance(depth, jax.Array):
-        mask = jnp.arange(num_layers) >= num_layers - depth
-    else:
-        mask = jnp.asarray(layer_mask(num_layers, depth))
+    mask = jnp.asarray(layer_mask(num_layers, depth, policy))
 
     def update(updates, state, params=None):
         updates, state = inner.update(updates, state, params)
@@ -143,35 +191,37 @@ def depth_masked(inner: optax.GradientTransformation, num_layers: int, depth: in
     return optax.GradientTransformation(inner.init, update)
 
 
-def resolve_depth(num_layers: int, depth, start_layer: int, hidden0) -> tuple:
+def resolve_depth(num_layers: int, depth, start_layer: int, hidden0, policy: str = "top") -> tuple:
     """``(depth, start_layer)`` of a forward pass, checked: ``depth`` (``None``: every layer; an int;
     or a traced int32 scalar, not checked) and ``start_layer`` with its cached ``hidden0`` (given
-    iff ``start_layer > 0``, which must leave the top ``depth`` layers to run). Shared by the
-    encoder and decoder families."""
+    iff ``start_layer > 0``, which must not pass the lowest layer ``policy`` trains at ``depth``,
+    :func:`lowest_trained_layer`). Shared by the encoder and decoder families."""
     traced = isinstance(depth, jax.Array)
     depth = num_layers if depth is None else (depth if traced else int(depth))
     start_layer = int(start_layer)
     if not traced and not 0 <= depth <= num_layers:
         raise ValueError(f"depth must be in [0, {num_layers}], got {depth}")
-    top = num_layers - 1 if traced else num_layers - depth
-    if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= top:
-        raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in "
-                         f"[0, L - depth = {num_layers if traced else num_layers - depth}]")
+    lowest = num_layers - 1 if traced else lowest_trained_layer(num_layers, depth, policy)
+    if (hidden0 is None) != (start_layer == 0) or not 0 <= start_layer <= lowest:
+        raise ValueError(f"start_layer={start_layer} needs hidden0 (iff > 0) and must be in [0, the lowest "
+                         f"trained layer = {num_layers if traced else lowest}] (layer policy {policy!r})")
     return depth, start_layer
 
 
-def depth_cut(run_layers, h, num_layers: int, depth, start_layer: int, remat: str):
-    """Layers ``[start_layer, L)`` with gradients only through the top ``depth``:
+def depth_cut(run_layers, h, num_layers: int, depth, start_layer: int, remat: str, policy: str = "top"):
+    """Layers ``[start_layer, L)`` with gradients only down to the lowest layer ``policy`` trains at
+    ``depth`` (:func:`lowest_trained_layer`; ``top``: the top ``depth``):
     ``run_layers(h, start, stop, remat="none", cut=None) -> h`` runs a slice of the stacked layers.
-    A static depth runs the frozen bottom layers under ``stop_gradient`` (no backward pass through
-    them); a traced one runs every layer in one scan and cuts the gradient at layer ``L - depth``'s
-    input (one program for every depth)."""
+    A static depth runs the layers below under ``stop_gradient`` (no backward pass through
+    them); a traced one runs every layer in one scan and cuts the gradient at the lowest trained
+    layer's input (one program for every depth). Untrained layers above it (``bottom``, ``spread``)
+    are differentiated; :func:`depth_masked` discards their adapters' updates."""
+    lowest = lowest_trained_layer(num_layers, depth, policy)
     if isinstance(depth, jax.Array):
-        h = run_layers(h, start_layer, num_layers, remat=remat, cut=num_layers - depth)
+        h = run_layers(h, start_layer, num_layers, remat=remat, cut=lowest)
         return jnp.where(depth == 0, jax.lax.stop_gradient(h), h)
-    split = num_layers - depth
-    if split > start_layer:
-        h = jax.lax.stop_gradient(run_layers(h, start_layer, split))
+    if lowest > start_layer:
+        h = jax.lax.stop_gradient(run_layers(h, start_layer, lowest))
     if depth > 0:
-        h = run_layers(h, split, num_layers, remat=remat)
+        h = run_layers(h, lowest, num_layers, remat=remat)
     return h
