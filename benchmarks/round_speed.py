@@ -72,6 +72,7 @@ from hfl_jax.fed.frozen_cache import attach_hidden  # noqa: E402
 from hfl_jax.fed.local import base_of, make_local_train  # noqa: E402
 from hfl_jax.fed.xla import compiler_options, jit  # noqa: E402
 from hfl_jax.fed.timemodel import family_cost, layer_forward_flops, step_flops  # noqa: E402
+from hfl_jax.models.layers import prepare_base  # noqa: E402
 from hfl_jax.models import (DECODER_SHAPES, DECODER_TARGETS, DecoderConfig, DecoderModel, EncoderConfig,  # noqa: E402
                             EncoderModel, LoRAConfig, init_lora)
 
@@ -80,7 +81,7 @@ TARGETS = ("query", "value")   # the encoders' LoRA targets (decoders: DECODER_T
 DECODER_MODELS = {f"{k}-shape": k for k in DECODER_SHAPES}
 MODELS = ("tiny", "minilm-l6", "roberta-base-shape", *DECODER_MODELS)
 DECODER_LAYERS = 4   # --layers default: a few layers (the LM head's cost weighs more than at full depth)
-METHODS = ("vmap", "loop", "torch", "torch-vmap")
+METHODS = ("vmap", "vmap-plain", "loop", "torch", "torch-vmap")
 MiB = 2.0 ** 20
 
 # Columns of the main table (tests/test_benchmark_smoke.py checks these names).
@@ -330,9 +331,12 @@ def _inputs(setup: Setup, w: Work, seed: int):
 
 
 def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, chunk_size: int | None = None,
-             timer=time_it) -> Result:
+             timer=time_it, prepared: bool = True) -> Result:
     """The vmapped group round; with ``w.cached > 0`` it starts from the bottom layers' cached outputs
-    (``train.cache_frozen_layers``: computed once, before timing, as the driver does at set-up)."""
+    (``train.cache_frozen_layers``: computed once, before timing, as the driver does at set-up).
+    ``prepared``: the base through :func:`~hfl_jax.models.layers.prepare_base`, as the driver passes it
+    (bf16 on CPU: transposed frozen kernels for the backward pass); ``False`` (method ``vmap-plain``):
+    the plain base, autodiff's own backward products."""
     model = setup.model
     data, trainable, ids, weights, key = _inputs(setup, w, seed)
     if w.cached:
@@ -342,12 +346,13 @@ def run_vmap(setup: Setup, w: Work, repeats: int, seed: int = 0, chunk_size: int
     axis = DeviceAxis(chunk_size=chunk_size if chunk_size and chunk_size < w.M else None)
     group_round = make_group_round(model, optax.adam(w.lr), depth=w.d, local_steps=w.E, batch_size=w.B,
                                    n_max=data.n_max, axis=axis)
-    args = jax.device_put((trainable, base_of(setup.params), data, ids, weights, key))
+    base = prepare_base(model, base_of(setup.params)) if prepared else base_of(setup.params)
+    args = jax.device_put((trainable, base, data, ids, weights, key))
     t0 = time.perf_counter()
     compiled = group_round.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     times = timer(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    return Result("vmap-cache" if w.cached else "vmap", w, compile_s, times, w.flops(model.cfg),
+    return Result("vmap-cache" if w.cached else ("vmap" if prepared else "vmap-plain"), w, compile_s, times, w.flops(model.cfg),
                   xla_peak_bytes(compiled), rss_peak_bytes(),
                   note=f"bottom {w.cached} layers from the frozen-layer cache" if w.cached else "")
 
@@ -358,7 +363,7 @@ def run_loop(setup: Setup, w: Work, repeats: int, seed: int = 0, timer=time_it) 
     fn = make_local_train(model, optax.adam(w.lr), w.d, w.E, w.B, data.n_max)
     extra = (jnp.int32(w.rank),) if _takes_rank(fn) else ()
     local = jit(fn)  # the same XLA options as the vmapped round
-    base = jax.device_put(base_of(setup.params))
+    base = jax.device_put(prepare_base(model, base_of(setup.params)))
     trainable = jax.device_put(trainable)
     rows = [jax.device_put(data.row(m)) for m in range(w.M)]
     dev_ids = [jnp.int32(i) for i in ids]
@@ -674,7 +679,7 @@ def make_torch_vmap_round(setup: Setup, w: Work, seed: int = 0, device=None, mod
 def run_torch(setup: Setup, w: Work, repeats: int, seed: int = 0, threads: int = 2, autocast: bool = False,
               timer=time_it) -> Result:
     """PyTorch + PEFT: the same model shape (and, for MiniLM and the decoders, the same weights), batches,
-    E and Adam. ``autocast`` (decoders under bf16): bf16 autocast, the LM head in float32."""
+    E and Adam. ``autocast``: bf16 autocast (a decoder's LM head in float32)."""
     import torch
 
     device, sync = _torch_device(threads)
@@ -1029,10 +1034,11 @@ def main(argv=None) -> int:
 
     timer = Interleaved() if args.interleave else time_it
     runners = {"vmap": lambda s, w, n, seed: run_vmap(s, w, n, seed, args.chunk_size, timer=timer),
+               "vmap-plain": lambda s, w, n, seed: run_vmap(s, w, n, seed, args.chunk_size, timer=timer,
+                                                            prepared=False),
                "loop": lambda s, w, n, seed: run_loop(s, w, n, seed, timer=timer),
-               # decoders: the PEFT loop under the same bf16 autocast as the vmapped peer (encoders: float32, as before)
-               "torch": lambda s, w, n, seed: run_torch(s, w, n, seed, args.torch_threads,
-                                                        autocast and setup.is_decoder, timer=timer),
+               # the PEFT loop under the same bf16 autocast as the vmapped peer (same-precision peers, issue 28)
+               "torch": lambda s, w, n, seed: run_torch(s, w, n, seed, args.torch_threads, autocast, timer=timer),
                "torch-vmap": lambda s, w, n, seed: run_torch_vmap(
                    s, w, n, seed, args.torch_threads, args.torch_vmap, args.torch_chunk, autocast, timer=timer)}
     if not args.sweep_only:

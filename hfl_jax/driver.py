@@ -39,6 +39,7 @@ from hfl_jax.files import write_atomic
 from hfl_jax.report import record_totals
 from hfl_jax.data.splits import training_rows  # noqa: F401  (re-exported)
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
+from hfl_jax.models.layers import prepare_base
 from hfl_jax.models.lora import lowest_trained_layer
 from hfl_jax.models.tiny import TINY_MODELS
 from hfl_jax.objectives import Prepared, objective_for
@@ -305,7 +306,7 @@ def build(cfg: ExperimentConfig) -> Experiment:
     data = make_device_data(train, train_parts)
     slots = _slots(assignment, num_groups, axis, exact=cfg.train.group_padding == "exact")
     key = jax.random.PRNGKey(cfg.seed)
-    base = base_of(params)
+    base = prepare_base(model, base_of(params))   # bf16 on CPU: + transposed frozen kernels
     cached = 0
     if cfg.train.cache_frozen_layers:
         # the layers below every arm's lowest trained layer (top: L - max(depths)); none under bottom

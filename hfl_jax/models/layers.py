@@ -6,6 +6,7 @@ classification head, which live in the family modules.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -49,6 +50,92 @@ def dense_init(cfg: EncoderConfig):
     return init
 
 
+@jax.custom_vjp
+def frozen_dot(x: Array, kernel: Array, kernel_t: Array) -> Array:
+    """``x @ kernel`` (float32 accumulation) for a *frozen* kernel whose transpose ``kernel_t``
+    (``[out, in]``, a real contiguous array in ``x``'s dtype) is supplied: the backward pass computes
+    the input gradient as ``g @ kernel_t`` with ``g`` cast to that dtype, both operands in the standard
+    layout. XLA:CPU runs a bf16 x bf16 product at the AMX/AVX512-BF16 speed only in that layout;
+    autodiff's ``g @ kernel.T`` with a float32 ``g`` runs at a fifth of it (``benchmarks/RESULTS.md``,
+    issue 28). Only the input gradient is returned (the kernel is frozen: no weight gradient)."""
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _frozen_dot_fwd(x, kernel, kernel_t):
+    return frozen_dot(x, kernel, kernel_t), (kernel_t, jnp.zeros((0,), x.dtype))
+
+
+def _frozen_dot_bwd(res, g):
+    kernel_t, like = res
+    dx = jnp.dot(g.astype(kernel_t.dtype), kernel_t, preferred_element_type=jnp.float32).astype(like.dtype)
+    return dx, None, None
+
+
+frozen_dot.defvjp(_frozen_dot_fwd, _frozen_dot_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """``scale * (x A) B`` in ``x``'s dtype with float32 accumulation (``x A`` rounded to that dtype, as
+    :class:`LoRADense` computes it), float32 out, with a backward pass that orders XLA:CPU's skinny
+    products for speed: all in float32 (bf16 rank-r products run at a tenth of the float32 ones there),
+    the token axis contracted with the rank-r operand on the left (``dA^T = dxa^T x``, ``[r, in]``, then
+    transposed: 0.7 ms where autodiff's ``x^T dxa`` takes 6-12 ms at 4096 tokens; benchmarks/RESULTS.md,
+    issue 28). Gradients are the float32 products of the same values (no bf16 rounding of ``dA``/``dB``)."""
+    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(xa, b.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def _lora_delta_fwd(x, a, b, scale):
+    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(xa, b.astype(x.dtype), preferred_element_type=jnp.float32) * scale, (x, xa, a, b)
+
+
+def _lora_delta_bwd(scale, res, g):
+    x, xa, a, b = res
+    f32 = jnp.float32
+    x2, xa2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1]).astype(f32) * scale
+    db = jnp.einsum("nr,nf->rf", xa2.astype(f32), g2)
+    dxa = jnp.einsum("nf,rf->nr", g2, b.astype(f32))
+    da = jnp.einsum("nr,nd->rd", dxa, x2.astype(f32)).T
+    dx = jnp.einsum("nr,dr->nd", dxa, a.astype(f32)).astype(x.dtype).reshape(x.shape)
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+def transposed_kernels(layers: Mapping[str, Any], dtype) -> dict:
+    """A copy of a stacked-layers parameter tree in which every ``kernel`` (``[L, in, out]``) gains a
+    ``kernel_t``: ``[L, out, in]`` in ``dtype``, materialized (not a view XLA folds back into the
+    product). :class:`LoRADense` then runs its frozen product's backward pass through
+    :func:`frozen_dot`. Made once per run (the base never changes): memory + half the kernels' float32
+    size; values and results unchanged up to the accumulation order of one product. Call it eagerly,
+    outside ``jit`` (inside, XLA would fold the transpose back into the product)."""
+    def walk(node):
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v) for k, v in node.items()}
+        kernel = node.get("kernel")
+        if kernel is not None and getattr(kernel, "ndim", 0) == 3:
+            out["kernel_t"] = jnp.swapaxes(kernel, -1, -2).astype(dtype)   # eager: a real array
+        return out
+    return walk(layers)
+
+
+def prepare_base(model, base: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The frozen base as a training round should receive it: under a 16-bit ``compute_dtype`` on
+    XLA:CPU, :func:`transposed_kernels` of its stacked layers (the backward pass's input-gradient
+    products at the CPU's native bf16 speed); otherwise ``base`` itself (float32, and GPUs/TPUs, whose
+    libraries take a transposed operand at full speed). Call it eagerly, once per run."""
+    cd = getattr(model, "compute_dtype", None)
+    if (cd is None or jnp.dtype(cd) == jnp.float32 or jax.default_backend() != "cpu"
+            or not isinstance(base.get("layers"), Mapping)):
+        return base
+    return {**base, "layers": transposed_kernels(base["layers"], cd)}
+
+
 class LoRADense(nn.Module):
     """``y = x W + b + scale * (x A) B``: a frozen dense layer with an optional LoRA delta.
 
@@ -84,6 +171,14 @@ class LoRADense(nn.Module):
                 y = y + (checkpoint_name(x @ lora["A"], "lora_xa") @ lora["B"]) * scale
             return checkpoint_name(y, "dense")
         xc = x.astype(cd)
+        if self.has_variable("params", "kernel_t"):
+            # a base from prepare_base(): the CPU-ordered backward products (frozen_dot, lora_delta)
+            y = frozen_dot(xc, kernel.astype(cd), self.get_variable("params", "kernel_t"))
+            if bias is not None:
+                y = y + bias
+            if lora is not None:
+                y = y + lora_delta(xc, lora["A"], lora["B"], scale)
+            return checkpoint_name(y.astype(cd), "dense")
         y = jnp.dot(xc, kernel.astype(cd), preferred_element_type=jnp.float32)
         if bias is not None:
             y = y + bias

@@ -20,6 +20,14 @@ the activations stored for the backward
                                           embeddings, classification head, logits, loss
 ========================================  ===================================================
 
+The backward pass on a CPU: the driver passes the frozen base through
+:func:`hfl_jax.models.layers.prepare_base`, which gives every stacked kernel a transposed bf16 copy, and
+:class:`~hfl_jax.models.layers.LoRADense` then takes the frozen input gradient as ``g_bf16 @ kernel_t``
+(:func:`~hfl_jax.models.layers.frozen_dot`) and the LoRA gradients in float32 with XLA:CPU-friendly
+operand order (:func:`~hfl_jax.models.layers.lora_delta`): the same forward values, gradients equal up to
+one product's summation order (and float32 rather than bf16-rounded LoRA gradients). GPUs/TPUs get the
+plain base.
+
 DeBERTa's disentangled attention casts q/k/v back to float32 (its scores, softmax and context
 are float32); its projections follow the table. ``compute_dtype=None`` (the default, and the
 CPU default of the driver) is float32 everywhere, bit-for-bit the pre-policy computation.
