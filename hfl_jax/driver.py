@@ -40,7 +40,6 @@ from hfl_jax.report import record_totals
 from hfl_jax.data.splits import training_rows  # noqa: F401  (re-exported)
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora, load_pretrained
 from hfl_jax.models.layers import prepare_base
-from hfl_jax.models.lora import lowest_trained_layer
 from hfl_jax.models.tiny import TINY_MODELS
 from hfl_jax.objectives import Prepared, objective_for
 from hfl_jax.objectives.classification import load_text, tokenize_text  # noqa: F401  (re-exported)
@@ -310,7 +309,8 @@ def build(cfg: ExperimentConfig) -> Experiment:
     cached = 0
     if cfg.train.cache_frozen_layers:
         # the layers below every arm's lowest trained layer (top: L - max(depths)); none under bottom
-        cached = min(lowest_trained_layer(model.num_layers, int(d), model.layer_policy) for d in algorithm.depths)
+        from hfl_jax.fed.frozen_cache import cached_layers
+        cached = cached_layers(algorithm.depths, model.num_layers, model.layer_policy)
         if cached == 0:
             raise ValueError(f"train.cache_frozen_layers: algorithm {cfg.algorithm.name!r} has an arm that trains "
                              f"layer 0 (depth {model.num_layers} = every layer, or algorithm.layer_policy "

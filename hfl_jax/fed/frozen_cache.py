@@ -23,12 +23,14 @@ import numpy as np
 
 from hfl_jax.fed.xla import jit
 from hfl_jax.models.encoder import EncoderModel
-from hfl_jax.models.lora import LoRA
+from hfl_jax.models.lora import LoRA, lowest_trained_layer
 
 
-def cached_layers(arm_depths, num_layers: int) -> int:
-    """How many bottom layers no arm can tune: ``L - max(depths)``."""
-    return num_layers - int(max(int(d) for d in arm_depths))
+def cached_layers(arm_depths, num_layers: int, policy: str = "top") -> int:
+    """How many bottom layers no arm can tune: those below every arm's lowest trained layer under the
+    layer ``policy`` (:func:`hfl_jax.models.lora.lowest_trained_layer`; ``top``: ``L - max(depths)``,
+    ``bottom``: none)."""
+    return min(lowest_trained_layer(num_layers, int(d), policy) for d in arm_depths)
 
 
 @functools.lru_cache(maxsize=8)
