@@ -11,6 +11,11 @@ comparison leaves these two fields out of the golden records and says so. Sequen
 so both configs pin it off: the byte-for-byte guard keeps checking the padded path. Every other field,
 and every field of the bandit algorithms, must match byte for byte.
 
+XLA:CPU compiles for the CPU it runs on, so float bits differ between CPU types (the committed golden
+files were recorded on an AMD EPYC machine; on an Intel Xeon the ``eval_loss`` differs in the 7th digit
+at the same commit): on another machine record golden files at the commit before the change
+(``--write --golden DIR`` in a clean clone), then compare against them (``--golden DIR``).
+
 Configs: ``smoke`` (the tiny encoder on the bundled CSV, 4 rounds) and ``sst2`` (MiniLM-L6 on an SST-2
 subset, seed 0, Dirichlet alpha 0.1, 3 rounds; needs ../shared/data/glue). Golden files live in
 ``golden/<config>/<algorithm>.jsonl``. Data paths are made absolute here, so the files do not depend on
@@ -109,6 +114,10 @@ def run_one(config: str, algorithm: str, workdir: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="record golden files instead of comparing")
+    ap.add_argument("--golden", type=Path, default=HERE / "golden",
+                    help="golden directory (default: the committed one, recorded on an AMD EPYC machine; on "
+                         "another CPU type record your own with --write --golden DIR at the commit before "
+                         "the change, then compare against DIR)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
     args = ap.parse_args()
@@ -117,7 +126,7 @@ def main() -> int:
         for config in args.configs:
             for algorithm in args.algorithms:
                 lines = run_one(config, algorithm, Path(tmp))
-                golden = HERE / "golden" / config / f"{algorithm}.jsonl"
+                golden = args.golden / config / f"{algorithm}.jsonl"
                 text = "".join(x + "\n" for x in lines)
                 if args.write:
                     golden.parent.mkdir(parents=True, exist_ok=True)
