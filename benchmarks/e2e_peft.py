@@ -11,6 +11,9 @@ each batch is padded only to its own longest sequence (dynamic padding; the toke
 the max_length-padded arrays), devices run one after another, and the batches are drawn with
 numpy (epoch-style, without replacement, like hfl_jax's sampler but from another random stream,
 so trajectories agree in distribution, not number for number).
+With ``model.compute_dtype: bfloat16`` in the config (or ``--set``) every forward and backward pass runs
+under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (training and evaluation; the loss in float32, the
+parameters, gradients and AdamW state float32): the same-precision peer of hfl_jax's bf16 policy.
 
 Writes ``metrics.jsonl`` (one record per round: ``round``, ``eval_loss``, ``eval_accuracy``,
 ``train_loss``, ``wall_time``) and ``summary.json`` (``wall_time`` = the whole command from the
@@ -88,7 +91,7 @@ def evaluate(pmodel, valid: dict, batch_size: int, device) -> tuple[float, float
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             x, y = to_torch(valid, np.arange(lo, min(n, lo + batch_size)), device)
-            logits = pmodel(**x).logits
+            logits = pmodel(**x).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
     return loss_sum / n, correct / n
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     train, valid, label_names = load_data(cfg)
     parts = partition_devices(cfg, train["labels"])
     pmodel, trainable = peft_model(cfg, len(label_names), device)
+    bf16 = str(cfg.model.compute_dtype) == "bfloat16"
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     names, params = list(trainable), list(trainable.values())
     global_state = [p.detach().clone() for p in params]
     counts = np.array([len(p) for p in parts], np.float64)
@@ -137,7 +142,9 @@ def main(argv=None) -> int:
             rng = np.random.default_rng([cfg.seed, SALT_ROUNDS, r, d])
             for idx in device_batches(rng, len(rows), t.local_steps, t.batch_size):
                 x, y = to_torch(train, rows[idx], device)
-                loss = torch.nn.functional.cross_entropy(pmodel(**x).logits, y)
+                with autocast():
+                    logits = pmodel(**x).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -149,13 +156,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for p, g in zip(params, global_state):
                 p.copy_(g)
-        eval_loss, acc = evaluate(pmodel, valid, t.eval_batch_size, device)
+        with autocast():
+            eval_loss, acc = evaluate(pmodel, valid, t.eval_batch_size, device)
         rec = {"round": r, "eval_loss": eval_loss, "eval_accuracy": acc, "train_loss": float(np.mean(losses)),
                "wall_time": time.perf_counter() - start}
         records.append(rec)
         print(json.dumps(rec), flush=True)
     (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
-    summary = {"name": cfg.name + "_peft_loop", "rounds": len(records), "final_accuracy": records[-1]["eval_accuracy"],
+    summary = {"name": cfg.name + "_peft_loop", "precision": "bf16 autocast" if bf16 else "float32", "rounds": len(records), "final_accuracy": records[-1]["eval_accuracy"],
                "rounds_wall_time": sum(x["wall_time"] for x in records),
                "wall_time": time.perf_counter() - STARTED, "trainable": len(names)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
