@@ -82,8 +82,7 @@ def lora_delta(x: Array, a: Array, b: Array, scale: float) -> Array:
     the token axis contracted with the rank-r operand on the left (``dA^T = dxa^T x``, ``[r, in]``, then
     transposed: 0.7 ms where autodiff's ``x^T dxa`` takes 6-12 ms at 4096 tokens; benchmarks/RESULTS.md,
     issue 28). Gradients are the float32 products of the same values (no bf16 rounding of ``dA``/``dB``)."""
-    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    return jnp.dot(xa, b.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+    return _lora_delta_fwd(x, a, b, scale)[0]
 
 
 def _lora_delta_fwd(x, a, b, scale):
