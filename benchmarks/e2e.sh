@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Whole commands side by side: `hfl-jax run` (cold caches, then warm) vs the PyTorch + PEFT FedAvg
 # loop (benchmarks/e2e_peft.py) on the same experiment, same machine, one after another, with the
-# load and both frameworks' matmul peaks printed before and after. Writes results under $OUT.
+# load and both frameworks' matmul peaks (float32 and bf16) printed before and after. Writes results under $OUT.
 #
 #   bash benchmarks/e2e.sh [CONFIG] [OUT] [extra --set overrides for both ...]
 #   default: the SST-2 FedLoRA study config at Dirichlet alpha 1.0, benchmarks/results/e2e_<date>
 #
 # cold: empty token ($HFL_CACHE_DIR) and XLA ($HFL_JAX_CACHE) caches, so tokenization and every
-# compilation are paid (the run fills both, as a first run does); warm: the same command again.
+# compilation are paid (the run fills both, as a first run does); warm: the same command again
+# (WARM=0 skips it). Repeat the script for more pairs; `e2e_report.py DIR...` gives the paired ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-experiments/configs/sst2_cpu/fedlora.yaml}
@@ -20,7 +21,7 @@ LOG="$OUT/e2e.log"
 TMP=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-peaks() {   # one line: load and the float32 matmul peak of JAX and of PyTorch (GFLOP/s, 1024^3, best of 5)
+peaks() {   # one line: load and the matmul peaks of JAX and PyTorch, float32 and bf16 (GFLOP/s, 1024^3, best of 5)
   python - <<'EOF'
 import os, time
 import jax, jax.numpy as jnp, torch
@@ -30,7 +31,13 @@ a = jnp.ones((n, n), jnp.float32); f = jax.jit(jnp.dot); f(a, a).block_until_rea
 tj = min((lambda t: (f(a, a).block_until_ready(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
 b = torch.ones(n, n); torch.mm(b, b)
 tt = min((lambda t: (torch.mm(b, b), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
-print(f"load {os.getloadavg()[0]:.2f} matmul peak jax {2 * n**3 / tj / 1e9:.1f} GFLOP/s torch {2 * n**3 / tt / 1e9:.1f} GFLOP/s")
+fb = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+ab = a.astype(jnp.bfloat16); fb(ab, ab).block_until_ready()
+tjb = min((lambda t: (fb(ab, ab).block_until_ready(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+bb = b.bfloat16(); torch.mm(bb, bb)
+ttb = min((lambda t: (torch.mm(bb, bb), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+g = lambda t: f"{2 * n**3 / t / 1e9:.1f}"
+print(f"load {os.getloadavg()[0]:.2f} matmul peak float32 jax {g(tj)} torch {g(tt)}, bf16 jax {g(tjb)} torch {g(ttb)} GFLOP/s")
 EOF
 }
 
@@ -49,8 +56,12 @@ echo "# e2e $(date -u +%FT%TZ) $(git rev-parse --short HEAD) config=$CONFIG sets
 timed peft python benchmarks/e2e_peft.py "$CONFIG" --out "$TMP/peft" "${SETS[@]}"
 export HFL_CACHE_DIR="$TMP/tok" HFL_JAX_CACHE="$TMP/xla"
 timed jax_cold python -m hfl_jax.cli run "$CONFIG" --out "$TMP/jax_cold" --quiet "${SETS[@]}"
-timed jax_warm python -m hfl_jax.cli run "$CONFIG" --out "$TMP/jax_warm" --quiet "${SETS[@]}"
-for r in peft jax_cold jax_warm; do
+RUNS=(peft jax_cold)
+if [ "${WARM:-1}" != 0 ]; then
+  timed jax_warm python -m hfl_jax.cli run "$CONFIG" --out "$TMP/jax_warm" --quiet "${SETS[@]}"
+  RUNS+=(jax_warm)
+fi
+for r in "${RUNS[@]}"; do
   mkdir -p "$OUT/$r"
   cp "$TMP/$r/metrics.jsonl" "$TMP/$r/summary.json" "$OUT/$r/"
 done
