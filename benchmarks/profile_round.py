@@ -8,7 +8,12 @@ instruction and JAX ``op_name``, and prints the time per round by category (matr
 ``ynn_fusion``/``dot`` -- against everything else, forward against backward) and the top operations.
 Times are summed over the thunks of the 2 threads, so they add up to more than the wall time; read
 them as shares. ``--plain``: the frozen base as is (autodiff's backward products) instead of
-:func:`hfl_jax.models.layers.prepare_base`'s transposed kernels."""
+:func:`hfl_jax.models.layers.prepare_base`'s transposed kernels.
+
+``--torch``: the same round of the eager ``torch.func.vmap`` peer (``round_speed.make_torch_vmap_round``,
+under ``torch.autocast`` for bf16) under ``torch.profiler``: self time per aten operation, products
+(``mm``/``bmm``/``addmm``/``matmul``/``linear``) against everything else. Eager PyTorch runs one operation at
+a time, so its self times add up to the round's wall time."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +49,10 @@ def main(argv=None):
     p.add_argument("--plain", action="store_true", help="the unprepared base (autodiff's backward products)")
     p.add_argument("--rounds", type=int, default=3, help="profiled rounds (after 3 warm-up rounds)")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--torch", action="store_true", help="profile the eager torch.func.vmap peer instead")
     a = p.parse_args(argv)
+    if a.torch:
+        return profile_torch(a)
     dtype = jnp.bfloat16 if a.compute_dtype == "bfloat16" else None
     setup = rs.build_model(a.model, compute_dtype=dtype, unroll=True)
     L = setup.model.num_layers
@@ -89,6 +97,37 @@ def main(argv=None):
     print(f"\n# top {a.top} operations (summed over layers and steps: count = thunks per round)")
     for k, t in by_op.most_common(a.top):
         print(f"{t / per:8.2f} ms {count[k] // a.rounds:4d}x  {k[1]:24s} {k[0][-90:]}")
+
+
+TORCH_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_efficientzerotensor")
+
+
+def profile_torch(a) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(os.cpu_count())
+    autocast = a.compute_dtype == "bfloat16"
+    setup = rs.build_model(a.model, compute_dtype=jnp.bfloat16 if autocast else None, unroll=True)
+    L = setup.model.num_layers
+    w = rs.Work(a.M, a.B, a.T, a.E, L, 8, 16.0, 1e-3, targets=rs.TARGETS)
+    _, one_round = rs.make_torch_vmap_round(setup, w, 0, torch.device("cpu"), "eager", None, autocast)
+    for _ in range(3):
+        one_round()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a.rounds):
+            one_round()
+    per = 1e3 * a.rounds
+    rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    total = sum(t for _, t, _ in rows)
+    prod = sum(t for k, t, _ in rows if k in TORCH_PRODUCTS[:4])
+    print(f"# torch.func.vmap eager peer, {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}"
+          f"{' (autocast)' if autocast else ''}; self time, ms per round")
+    print(f"products  {prod / per:8.1f} ms  {100 * prod / total:5.1f}%")
+    print(f"other     {(total - prod) / per:8.1f} ms  {100 * (total - prod) / total:5.1f}%")
+    print(f"\n# top {a.top} operations (count = calls per round)")
+    for k, t, c in sorted(rows, key=lambda r: -r[1])[:a.top]:
+        print(f"{t / per:8.2f} ms {c // a.rounds:5d}x  {k}")
 
 
 if __name__ == "__main__":

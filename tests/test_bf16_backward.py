@@ -1,7 +1,9 @@
 """The bf16 backward pass through transposed frozen kernels (issue 28): ``prepare_base`` gives every
 stacked dense kernel a materialized ``kernel_t``, and ``LoRADense`` then takes the input gradient of
 its frozen product as ``g_bf16 @ kernel_t`` (:func:`hfl_jax.models.layers.frozen_dot`). The forward pass
-is unchanged bit for bit; the gradients differ from autodiff's only in one product's summation order."""
+is unchanged bit for bit; the gradients differ from autodiff's only in one product's summation order.
+The attention's activation products (:func:`hfl_jax.models.layers.mixed_einsum`) take bf16 cotangents in
+their backward pass, as ``torch.autocast``'s bf16 ``bmm`` does."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,7 +15,7 @@ from hfl_jax.fed.engine import make_group_round
 from hfl_jax.fed.local import base_of
 from hfl_jax.models import EncoderConfig, EncoderModel, LoRAConfig, init_lora
 from hfl_jax.models.decoder import DecoderConfig, DecoderModel
-from hfl_jax.models.layers import frozen_dot, prepare_base
+from hfl_jax.models.layers import frozen_dot, mixed_einsum, prepare_base
 
 BF16 = jnp.bfloat16
 
@@ -67,7 +69,7 @@ def test_prepared_base_same_forward_and_gradients_to_one_products_rounding(build
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
     graph = str(jax.make_jaxpr(jax.grad(loss))(lora, prepared))
-    assert "custom_vjp_call" in graph and "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(loss))(lora, base))
+    assert "name=frozen_dot" in graph and "name=frozen_dot" not in str(jax.make_jaxpr(jax.grad(loss))(lora, base))
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss))(lora, b) for b in (base, prepared))
     assert float(l0) == float(l1)                       # the forward pass is the same program
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -96,3 +98,56 @@ def test_float32_model_gets_its_base_unchanged_and_group_round_uses_prepared_bas
     np.testing.assert_array_equal(np.asarray(m0.loss)[:, 0], np.asarray(m1.loss)[:, 0])  # step 1's forward
     for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-3)
+
+
+# the attention products of the encoder (BERT) and decoder (grouped-query) paths
+SPECS = {"bqhd,bkhd->bhqk": ((2, 5, 3, 4), (2, 6, 3, 4)), "bhqk,bkhd->bqhd": ((2, 3, 5, 6), (2, 6, 3, 4)),
+         "bqkgd,bskd->bkgqs": ((2, 5, 2, 3, 4), (2, 6, 2, 4)), "bkgqs,bskd->bqkgd": ((2, 2, 3, 5, 6), (2, 6, 2, 4))}
+
+
+def _operands(spec, dtype, seed=0):
+    sa, sb = SPECS[spec]
+    k = jax.random.split(jax.random.PRNGKey(seed), 2)
+    return jax.random.normal(k[0], sa).astype(dtype), jax.random.normal(k[1], sb).astype(dtype)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_mixed_einsum_float32_is_the_plain_einsum_bit_for_bit(spec):
+    a, b = _operands(spec, jnp.float32)
+    plain = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
+    f = lambda fn: jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), argnums=(0, 1)))  # noqa: E731
+    (v0, g0), (v1, g1) = f(plain)(a, b), f(lambda a, b: mixed_einsum(spec, a, b))(a, b)
+    assert float(v0) == float(v1)
+    for x, y in zip(g0, g1):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda a, b: mixed_einsum(spec, a, b))(a, b))
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_mixed_einsum_bf16_backward_is_the_bf16_cotangent_products_rounded(spec):
+    a, b = _operands(spec, BF16)
+    g = jax.random.normal(jax.random.PRNGKey(9), jnp.einsum(spec, a, b).shape, jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: mixed_einsum(spec, a, b), a, b)
+    da, db = vjp(g)
+    assert y.dtype == jnp.float32 and da.dtype == db.dtype == BF16
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)))
+    ins, out = spec.split("->")
+    x, z = ins.split(",")
+    g16 = np.asarray(g.astype(BF16), np.float64)                    # the cotangent rounded to bf16 first
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for got, exact in ((da, np.einsum(f"{out},{z}->{x}", g16, b64)), (db, np.einsum(f"{out},{x}->{z}", g16, a64))):
+        exact = exact.astype(ml_dtypes.bfloat16).astype(np.float64)   # one rounding to bf16
+        ulp = np.abs(exact) * 2.0 ** -7 + 1e-30
+        assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= ulp)
+    # and within bf16 precision of autodiff's float32-cotangent gradients
+    _, vjp32 = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), a, b)
+    for got, ref in zip((da, db), vjp32(g)):
+        ref = np.asarray(ref, np.float64)
+        assert np.linalg.norm(np.asarray(got, np.float64) - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("spec", ["ij,jk->i", "ij,jk", "ij,jk,kl->il"])
+def test_mixed_einsum_refuses_specs_without_a_one_einsum_gradient(spec):
+    a = jnp.ones((2, 3), BF16)
+    with pytest.raises(ValueError, match="mixed_einsum"):
+        mixed_einsum(spec, a, jnp.ones((3, 4), BF16))

@@ -55,7 +55,7 @@ from hfl_jax.models import rope as rope_lib
 from hfl_jax.models.config import SUPPORTED_MODEL_TYPES as ENCODER_MODEL_TYPES
 from hfl_jax.models.config import ConfigError
 from hfl_jax.models.convert import CheckpointError
-from hfl_jax.models.layers import ATTENTION_IMPLS, LoRADense, activation, dense_init
+from hfl_jax.models.layers import ATTENTION_IMPLS, LoRADense, activation, dense_init, mixed_einsum
 from hfl_jax.models.lora import LoRA, check_layer_policy, depth_cut, resolve_depth
 from hfl_jax.models.precision import remat_policy
 
@@ -272,11 +272,11 @@ def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     B, Tq, nh, hd = q.shape
     kvh = k.shape[2]
     qg = q.reshape(B, Tq, kvh, nh // kvh, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = mixed_einsum("bqkgd,bskd->bkgqs", qg, k) * (hd ** -0.5)
     # where, not an additive bias: a fully masked row (a left-padding query) stays finite
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    out = mixed_einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(B, Tq, nh * hd).astype(v.dtype)
 
 

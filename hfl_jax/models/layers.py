@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from hfl_jax.models.config import EncoderConfig
@@ -103,6 +104,78 @@ def _lora_delta_bwd(scale, res, g):
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
+def mixed_einsum(spec: str, a: Array, b: Array) -> Array:
+    """``jnp.einsum(spec, a, b)`` with float32 accumulation and output, for the products of activations
+    (attention scores and context). With float32 operands it is exactly that einsum. With 16-bit
+    operands (a ``compute_dtype``) the backward pass rounds the float32 cotangent to the operands'
+    dtype and computes both input gradients as 16-bit x 16-bit products with float32 accumulation,
+    cast to the operands' dtype -- the precision ``torch.autocast`` gives a bf16 ``bmm``'s backward.
+    Autodiff's own backward would promote the 16-bit operand to float32 and run both gradients as
+    float32 products (on XLA:CPU at a fifth of the bf16 speed; benchmarks/RESULTS.md, issue 28).
+
+    ``spec``: two operands, explicit output, every index of an operand present in the other operand
+    or in the output (the gradient of each operand is then one einsum of the cotangent and the other)."""
+    if a.dtype == jnp.float32 or b.dtype == jnp.float32:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _einsum16(_einsum_terms(spec), a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _einsum_terms(spec: str) -> tuple[str, str, str]:
+    ins, arrow, out = spec.replace(" ", "").partition("->")
+    terms = ins.split(",")
+    if not arrow or len(terms) != 2:
+        raise ValueError(f"mixed_einsum needs 'x,y->z' with two operands, got {spec!r}")
+    x, y = terms
+    for mine, other in ((x, y), (y, x)):
+        lost = sorted(set(mine) - set(other) - set(out))
+        if lost:
+            raise ValueError(f"mixed_einsum {spec!r}: index {lost[0]!r} of {mine!r} is summed within one "
+                             "operand (its gradient is not one einsum)")
+    return x, y, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum16(terms: tuple[str, str, str], a: Array, b: Array) -> Array:
+    x, y, z = terms
+    return _batched_matmul(x, y, z, a, b)
+
+
+def _einsum16_fwd(terms, a, b):
+    return _einsum16(terms, a, b), (a, b)
+
+
+def _einsum16_bwd(terms, res, g):
+    x, y, z = terms
+    a, b = res
+    g = g.astype(a.dtype)
+    da = _batched_matmul(z, y, x, g, b.astype(a.dtype))
+    db = _batched_matmul(z, x, y, g.astype(b.dtype), a.astype(b.dtype))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _batched_matmul(x: str, y: str, z: str, a: Array, b: Array) -> Array:
+    """``einsum(f"{x},{y}->{z}", a, b)`` (float32 accumulation and output) as one ``[n, m, k] x [n, k, p]``
+    product: the operands transposed and reshaped to batch-leading, contraction-inner form. XLA:CPU takes
+    16-bit x 16-bit -> float32 products to its fast library kernels in that form; in some other dimension
+    orders it falls back to a kernel without that type ("Unsupported element type for DotThunk::Execute:
+    BF16 x BF16 = F32", jaxlib 0.10)."""
+    batch = [i for i in z if i in x and i in y]
+    contract = [i for i in x if i in y and i not in z]
+    free_x, free_y = [i for i in x if i not in y], [i for i in y if i not in x]
+    size = {i: d for idx, arr in ((x, a), (y, b)) for i, d in zip(idx, arr.shape)}
+    n = lambda ids: int(np.prod([size[i] for i in ids], dtype=np.int64))  # noqa: E731
+    a3 = jnp.transpose(a, [x.index(i) for i in batch + free_x + contract]).reshape(n(batch), n(free_x), n(contract))
+    b3 = jnp.transpose(b, [y.index(i) for i in batch + contract + free_y]).reshape(n(batch), n(contract), n(free_y))
+    out = jax.lax.dot_general(a3, b3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    order = batch + free_x + free_y
+    out = out.reshape([size[i] for i in order])
+    return jnp.transpose(out, [order.index(i) for i in z])
+
+
+_einsum16.defvjp(_einsum16_fwd, _einsum16_bwd)
 
 
 def transposed_kernels(layers: Mapping[str, Any], dtype) -> dict:
@@ -246,10 +319,10 @@ class SelfAttention(nn.Module):
         q, k, v = (split_heads(proj(n), cfg.num_heads) for n in ("query", "key", "value"))
         impl = attention_impl(self.attention, q.dtype)
         if impl == "einsum":
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = mixed_einsum("bqhd,bkhd->bhqk", q, k)
             scores = scores / jnp.sqrt(jnp.asarray(cfg.head_dim, jnp.float32))
             probs = jax.nn.softmax(scores + ctx["mask_bias"], axis=-1).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+            out = mixed_einsum("bhqk,bkhd->bqhd", probs, v).astype(v.dtype)
         elif impl == "cudnn":
             out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=ctx["kv_len"],
                                                implementation="cudnn")

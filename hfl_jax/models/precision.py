@@ -28,6 +28,13 @@ operand order (:func:`~hfl_jax.models.layers.lora_delta`): the same forward valu
 one product's summation order (and float32 rather than bf16-rounded LoRA gradients). GPUs/TPUs get the
 plain base.
 
+The attention's activation products (scores ``q k^T`` and context ``p v``, encoders and decoders) go
+through :func:`~hfl_jax.models.layers.mixed_einsum` on every platform: bf16 x bf16 with float32
+accumulation forward, and a backward pass that rounds the float32 cotangent to bf16 and computes both
+operand gradients as bf16 x bf16 -> float32 products, as ``torch.autocast``'s bf16 ``bmm`` does (autodiff
+would promote them to float32 products). All of these products run as batch-leading ``[n, m, k] x
+[n, k, p]`` products, the form XLA:CPU's bf16 library kernels take.
+
 DeBERTa's disentangled attention casts q/k/v back to float32 (its scores, softmax and context
 are float32); its projections follow the table. ``compute_dtype=None`` (the default, and the
 CPU default of the driver) is float32 everywhere, bit-for-bit the pre-policy computation.
