@@ -27,17 +27,18 @@ import os, time
 import jax, jax.numpy as jnp, torch
 torch.set_num_threads(os.cpu_count())
 n = 1024
-a = jnp.ones((n, n), jnp.float32); f = jax.jit(jnp.dot); f(a, a).block_until_ready()
-tj = min((lambda t: (f(a, a).block_until_ready(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
-b = torch.ones(n, n); torch.mm(b, b)
-tt = min((lambda t: (torch.mm(b, b), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
-fb = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
-ab = a.astype(jnp.bfloat16); fb(ab, ab).block_until_ready()
-tjb = min((lambda t: (fb(ab, ab).block_until_ready(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
-bb = b.bfloat16(); torch.mm(bb, bb)
-ttb = min((lambda t: (torch.mm(bb, bb), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
-g = lambda t: f"{2 * n**3 / t / 1e9:.1f}"
-print(f"load {os.getloadavg()[0]:.2f} matmul peak float32 jax {g(tj)} torch {g(tt)}, bf16 jax {g(tjb)} torch {g(ttb)} GFLOP/s")
+
+def peak(call):   # GFLOP/s of the best of 5 calls, after one warm-up call
+    call()
+    best = min((lambda t: (call(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
+    return f"{2 * n**3 / best / 1e9:.1f}"
+
+f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+a = jnp.ones((n, n), jnp.float32); ab = a.astype(jnp.bfloat16)
+b = torch.ones(n, n); bb = b.bfloat16()
+print(f"load {os.getloadavg()[0]:.2f} matmul peak float32 jax {peak(lambda: f(a, a).block_until_ready())} "
+      f"torch {peak(lambda: torch.mm(b, b))}, bf16 jax {peak(lambda: f(ab, ab).block_until_ready())} "
+      f"torch {peak(lambda: torch.mm(bb, bb))} GFLOP/s")
 EOF
 }
 

@@ -39,23 +39,24 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired(dirs: list[Path], name: str = "jax_cold") -> dict:
-    """PEFT wall / ``name`` wall per directory (one interleaved pair each): the ratios, median, min, max."""
+def paired(pairs: list[list[dict]], name: str = "jax_cold") -> dict:
+    """PEFT wall / ``name`` wall per pair (``runs_of`` of one directory each): the ratios, median, min, max."""
     ratios = []
-    for d in dirs:
-        runs = {r["name"]: r for r in runs_of(d)}
-        ratios.append(runs["peft"]["wall"] / runs[name]["wall"])
+    for runs in pairs:
+        by_name = {r["name"]: r for r in runs}
+        ratios.append(by_name["peft"]["wall"] / by_name[name]["wall"])
     return {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def main(argv: list[str]) -> int:
     dirs = [Path(a) for a in argv]
-    for d in dirs:
+    pairs = [runs_of(d) for d in dirs]
+    for d, runs in zip(dirs, pairs):
         if len(dirs) > 1:
             print(f"\n{d}")
-        print(table(runs_of(d)))
+        print(table(runs))
     if len(dirs) > 1:
-        p = paired(dirs)
+        p = paired(pairs)
         print(f"\nhfl_jax cold vs PEFT loop, {len(dirs)} pairs: median {p['median']:.2f}x "
               f"[{p['min']:.2f}, {p['max']:.2f}]; pairs " + " ".join(f"{r:.2f}" for r in p["ratios"]))
     return 0

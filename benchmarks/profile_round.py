@@ -12,7 +12,8 @@ them as shares. ``--plain``: the frozen base as is (autodiff's backward products
 
 ``--torch``: the same round of the eager ``torch.func.vmap`` peer (``round_speed.make_torch_vmap_round``,
 under ``torch.autocast`` for bf16) under ``torch.profiler``: self time per aten operation, products
-(``mm``/``bmm``/``addmm``/``matmul``/``linear``) against everything else. Eager PyTorch runs one operation at
+(the kernels ``mm``/``bmm``/``addmm``/``baddbmm``; ``matmul``/``linear`` only dispatch to them) against
+everything else. Eager PyTorch runs one operation at
 a time, so its self times add up to the round's wall time."""
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ from hfl_jax.fed.local import base_of  # noqa: E402
 from hfl_jax.models.layers import prepare_base  # noqa: E402
 
 
+def _setup(a):
+    """The model (its ``compute_dtype``) and the round's work of ``round_speed.py``: full depth, rank 8."""
+    dtype = jnp.bfloat16 if a.compute_dtype == "bfloat16" else None
+    setup = rs.build_model(a.model, compute_dtype=dtype, unroll=True)
+    w = rs.Work(a.M, a.B, a.T, a.E, setup.model.num_layers, 8, 16.0, 1e-3, targets=rs.TARGETS)
+    return setup, w
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm-l6")
@@ -53,10 +62,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.torch:
         return profile_torch(a)
-    dtype = jnp.bfloat16 if a.compute_dtype == "bfloat16" else None
-    setup = rs.build_model(a.model, compute_dtype=dtype, unroll=True)
+    setup, w = _setup(a)
     L = setup.model.num_layers
-    w = rs.Work(a.M, a.B, a.T, a.E, L, 8, 16.0, 1e-3, targets=rs.TARGETS)
     data, trainable, ids, weights, key = rs._inputs(setup, w, 0)
     fn = make_group_round(setup.model, optax.adam(1e-3), depth=L, local_steps=a.E, batch_size=a.B, n_max=data.n_max)
     base = base_of(setup.params) if a.plain else prepare_base(setup.model, base_of(setup.params))
@@ -99,7 +106,7 @@ def main(argv=None):
         print(f"{t / per:8.2f} ms {count[k] // a.rounds:4d}x  {k[1]:24s} {k[0][-90:]}")
 
 
-TORCH_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_efficientzerotensor")
+TORCH_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
 def profile_torch(a) -> None:
@@ -108,9 +115,7 @@ def profile_torch(a) -> None:
 
     torch.set_num_threads(os.cpu_count())
     autocast = a.compute_dtype == "bfloat16"
-    setup = rs.build_model(a.model, compute_dtype=jnp.bfloat16 if autocast else None, unroll=True)
-    L = setup.model.num_layers
-    w = rs.Work(a.M, a.B, a.T, a.E, L, 8, 16.0, 1e-3, targets=rs.TARGETS)
+    setup, w = _setup(a)
     _, one_round = rs.make_torch_vmap_round(setup, w, 0, torch.device("cpu"), "eager", None, autocast)
     for _ in range(3):
         one_round()
@@ -120,7 +125,7 @@ def profile_torch(a) -> None:
     per = 1e3 * a.rounds
     rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     total = sum(t for _, t, _ in rows)
-    prod = sum(t for k, t, _ in rows if k in TORCH_PRODUCTS[:4])
+    prod = sum(t for k, t, _ in rows if k in TORCH_PRODUCTS)
     print(f"# torch.func.vmap eager peer, {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}"
           f"{' (autocast)' if autocast else ''}; self time, ms per round")
     print(f"products  {prod / per:8.1f} ms  {100 * prod / total:5.1f}%")
