@@ -47,3 +47,20 @@ def test_e2e_peer_draws_epoch_style_batches():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     small = device_batches(np.random.default_rng(0), 3, 2, 8)
     assert all(sorted(b) == [0, 1, 2] for b in small)
+
+
+def test_profile_wall_split_hand_checked():
+    """benchmarks/profile_round.py --bound: the round's wall time splits into product thunks, other thunks
+    alone, and no thunk, from overlapping trace intervals (us)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from profile_round import _union, wall_split
+
+    assert _union([]) == 0.0
+    assert _union([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20.0
+    info = {"ynn_fusion.1": ("f32[8,8]", "fusion", ""), "dot.2": ("f32[8]", "dot", ""),
+            "add_fusion.3": ("f32[8]", "fusion", ""), "copy.4": ("f32[8]", "copy", "")}
+    thunks = [{"name": "ynn_fusion.1", "ts": 0, "dur": 10},     # product 0-10
+              {"name": "add_fusion.3", "ts": 5, "dur": 10},     # other 5-15: 10-15 alone
+              {"name": "copy.4", "ts": 20, "dur": 10},          # other alone 20-30
+              {"name": "dot.2", "ts": 25, "dur": 10}]           # product 25-35; idle 15-20
+    assert wall_split(thunks, info) == {"span": 35, "products": 20, "other_only": 10, "idle": 5}
