@@ -127,6 +127,8 @@ def main(argv=None):
     p.add_argument("--bound", type=int, metavar="PAIRS", default=0,
                    help="PAIRS interleaved pairs of both sides' wall-time split and the best round XLA's "
                         "non-product work allows (see bound())")
+    p.add_argument("--peer", choices=("vmap", "peft"), default="vmap",
+                   help="the PyTorch side of --bound and --torch: eager torch.func.vmap, or the PEFT client loop")
     p.add_argument("--target", type=float, default=None,
                    help="--bound's target ratio peer / hfl_jax (default: 1.2 in bf16, 1.0 in float32)")
     a = p.parse_args(argv)
@@ -163,13 +165,17 @@ TORCH_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
 def _torch_round(a):
-    """One round of the eager ``torch.func.vmap`` peer (under autocast for bf16), warmed up 3 rounds."""
+    """One round of the eager ``torch.func.vmap`` peer, or with ``--peer peft`` the PyTorch + PEFT client loop
+    (each under autocast for bf16), warmed up 3 rounds."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     setup, w = _setup(a)
-    _, one_round = rs.make_torch_vmap_round(setup, w, 0, torch.device("cpu"), "eager", None,
-                                            a.compute_dtype == "bfloat16")
+    autocast = a.compute_dtype == "bfloat16"
+    if a.peer == "peft":
+        _, one_round = rs.make_torch_peft_round(setup, w, 0, torch.device("cpu"), autocast=autocast)
+    else:
+        _, one_round = rs.make_torch_vmap_round(setup, w, 0, torch.device("cpu"), "eager", None, autocast)
     for _ in range(3):
         one_round()
     return one_round
@@ -190,7 +196,7 @@ def profile_torch(a) -> None:
     per = 1e3 * a.rounds
     total = sum(t for _, t, _ in rows)
     prod = sum(t for k, t, _ in rows if k in TORCH_PRODUCTS)
-    print(f"# torch.func.vmap eager peer, {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}"
+    print(f"# {'PEFT loop' if a.peer == 'peft' else 'torch.func.vmap eager'} peer, {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}"
           f"{' (autocast)' if a.compute_dtype == 'bfloat16' else ''}; self time, ms per round")
     print(f"products  {prod / per:8.1f} ms  {100 * prod / total:5.1f}%")
     print(f"other     {(total - prod) / per:8.1f} ms  {100 * (total - prod) / total:5.1f}%")
@@ -209,6 +215,35 @@ def _wall(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
+def product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted n x n x n product, best of ``repeats``: bf16 x bf16 -> float32 (the round's
+    bf16 products) or float32."""
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(x, x))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x, x))
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def torch_product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n ``torch.matmul`` (oneDNN/MKL on the CPU) in bf16 or float32, best of ``repeats``."""
+    import torch
+
+    x = torch.ones((n, n), dtype=torch.bfloat16 if bf16 else torch.float32)
+    torch.matmul(x, x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(x, x)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
 def bound(a) -> None:
     """How fast could the hfl_jax round be with products as fast as the peer's, or free?
 
@@ -219,12 +254,18 @@ def bound(a) -> None:
     are taken as shares and scaled to the unprofiled wall. Keeping XLA's non-product work and its idle
     time, the best round is ``other + idle + peer products`` (products exactly as fast as oneDNN's, the
     most a ``jax.ffi`` kernel could give) and ``other + idle`` (products free); the target needs
-    ``peer wall / target``."""
+    ``peer wall / target``. A floor on the products: the round's counted FLOPs (``round_speed.Work.flops``,
+    the cost model's forward and backward products) at the best 2048^3 product either library reaches in
+    the round's precision, measured before and after."""
     target = a.target or (1.2 if a.compute_dtype == "bfloat16" else 1.0)
     compiled, args, info = _jax_round(a)
     one_round = _torch_round(a)
+    setup, w = _setup(a)
+    flops = w.flops(setup.model.cfg)
+    bf16 = a.compute_dtype == "bfloat16"
+    peaks = [product_peak(bf16), torch_product_peak(bf16)]
     run_jax = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
-    print(f"# {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}; ms per round; {a.bound} interleaved "
+    print(f"# {a.model} M={a.M} B={a.B} T={a.T} E={a.E} {a.compute_dtype}, peer {a.peer}; ms per round; {a.bound} interleaved "
           f"pairs; load {os.getloadavg()[0]:.2f}; float32 matmul peak {rs.measure_peak(2048, 5) / 1e9:.0f} GFLOP/s")
     rows = []
     for i in range(a.bound):
@@ -249,6 +290,14 @@ def bound(a) -> None:
     ratio = lambda k: statistics.median(r["torch_wall"] / r[k] for r in rows)  # noqa: E731
     print(f"ratio peer / hfl_jax now {ratio('jax_wall'):.2f}x; with oneDNN-speed products at best "
           f"{ratio('with_peer_products'):.2f}x; with free products at best {ratio('with_free_products'):.2f}x; target {target}x")
+    peaks += [product_peak(bf16), torch_product_peak(bf16)]
+    at_peak = flops / max(peaks)
+    print(f"products at the machine's best {'bf16' if bf16 else 'float32'} 2048^3 product "
+          f"({max(peaks) / 1e9:.0f} GFLOP/s; XLA {peaks[0] / 1e9:.0f} -> {peaks[2] / 1e9:.0f}, PyTorch "
+          f"{peaks[1] / 1e9:.0f} -> {peaks[3] / 1e9:.0f} before -> after; {flops / 1e9:.1f} GFLOP counted per round): "
+          f"{1e3 * at_peak:.0f} ms; best round {1e3 * (med['with_free_products'] + at_peak):.0f} ms against the "
+          f"budget {1e3 * med['budget']:.0f}: at best "
+          f"{statistics.median(r['torch_wall'] / (r['with_free_products'] + at_peak) for r in rows):.2f}x")
     print(f"# end: load {os.getloadavg()[0]:.2f}; float32 matmul peak {rs.measure_peak(2048, 5) / 1e9:.0f} GFLOP/s")
 
 
