@@ -24,6 +24,7 @@ import yaml
 
 from hfl_jax import algos
 from hfl_jax import checkpoint as ckpt
+from hfl_jax import provenance
 from hfl_jax.algos import AlgoState, FedAlgorithm
 from hfl_jax.algos import grouping as grouping_lib
 from hfl_jax.algos.stages import (SALT_GROUPS, SALT_LORA_INIT, SALT_PARTITION, SALT_PROBE_HOLDOUT, SALT_PROFILES,
@@ -606,6 +607,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None, *, plots: boo
         partition = None
         if is_main_process():
             save_config(cfg, out_dir)
+            provenance.append(out_dir, "start", 0)
             # partition.json and .png are drawn beside the compilation (XLA works outside the GIL)
             partition = side.submit(write_partition, exp, out_dir, plot=plots)
         summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
@@ -643,6 +645,11 @@ def resume(out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
             check_untouched(state.trainable["lora"], cached)
         history = meta["history"]
         log.info("resuming %s from checkpoint %d", out_dir, step)
+    if is_main_process():
+        changed = provenance.append(out_dir, "resume", 0 if found is None else found[0])
+        if changed:
+            log.warning("%s is resumed under other code than it started with (%s): its rounds before and "
+                        "after mix the two (%s)", out_dir, "; ".join(changed), provenance.FILE)
     summary = train_loop(exp, out_dir, state, history, progress, started)
     return _finish(out_dir, summary, started, plots)
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from hfl_jax import provenance
 from hfl_jax import report as run_report
 from hfl_jax.sweep import Run, Study, choose, final_runs, last_mean, tuning_runs
 
@@ -226,6 +228,30 @@ def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: 
             + _table(head, rows) + [""])
 
 
+def code_line(run_dirs: Sequence[Path]) -> str:
+    """Which code made the finished runs among ``run_dirs`` (their ``provenance.jsonl``): each commit (with
+    ``+dirty`` for uncommitted changes) and jax version with its run count, runs resumed under other code
+    than they started with, and runs that predate the record."""
+    versions, mixed, unrecorded = {}, 0, 0
+    for d in run_dirs:
+        if not (Path(d) / "summary.json").is_file():
+            continue
+        lines = provenance.read(d)
+        if not lines:
+            unrecorded += 1
+            continue
+        mixed += any(provenance.changes(lines[0], x) for x in lines[1:])
+        for key in {(str(x.get("git"))[:7] + ("+dirty" if x.get("dirty") else ""), x.get("jax")) for x in lines}:
+            versions[key] = versions.get(key, 0) + 1
+    parts = [f"`{git}` with jax {jax} ({n} run{'s' * (n != 1)})" for (git, jax), n in sorted(versions.items())]
+    if mixed:
+        parts.append(f"**{mixed} run{'s' * (mixed != 1)} resumed under other code than {'they' if mixed != 1 else 'it'} "
+                     f"started with**")
+    if unrecorded:
+        parts.append(f"{unrecorded} run{'s' * (unrecorded != 1)} made before runs recorded their code")
+    return "Code (provenance.jsonl): " + ("; ".join(parts) or "no finished run") + "."
+
+
 def study_report(study: Study) -> str:
     """The study's report (markdown); pending runs are marked, never guessed."""
     tune = tuning_runs(study)
@@ -237,7 +263,9 @@ def study_report(study: Study) -> str:
              f"Runs: {len(tune)} tuning" + (f", {sum(len(v) for v in runs.values())} of {n_final} final finished"
                                             if n_final is not None else ", final runs wait for the tuning") + ".",
              f"Seeds: {', '.join(map(str, study.seeds))} (methods may use fewer, as listed). "
-             f"Targets: {', '.join(f'{t:.2f}' for t in study.targets) or 'none'}.", ""]
+             f"Targets: {', '.join(f'{t:.2f}' for t in study.targets) or 'none'}.",
+             code_line([r.out for r in tune] + [r.out for r in final_runs(study, chosen)]
+                       if (tune_done or not study.tune) else [r.out for r in tune]), ""]
     for s, _ in study.settings:
         lines += setting_section(study, s, runs, scores, chosen)
     return "\n".join(lines).rstrip() + "\n"

@@ -58,6 +58,11 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert summary["rounds"] == ROUNDS and summary["final_accuracy"] == records[-1]["eval_accuracy"]
     assert summary["dropped_updates"] == 0 and summary["device_updates"] == 8 * ROUNDS
     assert summary["wall_time"] > summary["rounds_wall_time"] > 0   # the whole command, set-up included
+    from hfl_jax import __version__, provenance
+    (line,) = provenance.read(smoke_run)   # which code ran it: one line per start/resume
+    assert line["event"] == "start" and line["round"] == 0 and line["hfl_jax"] == __version__
+    assert set(provenance.CODE_KEYS) <= set(line) and line["backend"] == "cpu"
+    assert line["git"] is None or len(line["git"]) == 40
     steps = sorted(int(p.name) for p in (smoke_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [ROUNDS - 1, ROUNDS]   # keep: 2
 
@@ -165,6 +170,11 @@ def test_killed_run_resumes_bit_identically(smoke_run, tmp_path):
     r = hfl("resume", out, "--quiet")
     assert r.returncode == 0, r.stderr
     _assert_same_run(smoke_run, out)
+    from hfl_jax import provenance
+    start, again = provenance.read(out)
+    resumed_from = int(r.stderr.split("from checkpoint ")[1].split()[0])
+    assert (start["event"], start["round"], again["event"], again["round"]) == ("start", 0, "resume", resumed_from)
+    assert provenance.changes(start, again) == [] and "under other code" not in r.stderr
 
 
 @pytest.mark.parametrize("override, key", [
@@ -206,6 +216,22 @@ def test_resuming_a_finished_run_adds_no_round(smoke_run, tmp_path):
     r = hfl("resume", copy, "--quiet")
     assert r.returncode == 0, r.stderr
     assert (copy / "metrics.jsonl").read_text() == before
+
+
+def test_resume_under_other_code_warns_and_records_it(smoke_run, tmp_path):
+    """A run resumed under another commit than it started with says so in one warning and keeps both lines."""
+    import shutil
+    copy = tmp_path / "moved"
+    shutil.copytree(smoke_run, copy)
+    (first,) = [json.loads(x) for x in (copy / "provenance.jsonl").read_text().splitlines()]
+    first["git"] = "0" * 40
+    (copy / "provenance.jsonl").write_text(json.dumps(first) + "\n")
+    r = hfl("resume", copy, "--quiet")   # finished: no round runs, the code is still recorded
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "under other code" in line]
+    assert len(warned) == 1 and f"git: {'0' * 40} ->" in warned[0], r.stderr
+    lines = [json.loads(x) for x in (copy / "provenance.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["start", "resume"] and lines[1]["round"] == ROUNDS
 
 
 def test_no_plots_draws_no_png(smoke_run, tmp_path):
