@@ -589,6 +589,21 @@ def _finish(out_dir: Path, summary: dict, started: float, plots: bool = True) ->
     return summary
 
 
+def _record_code(out_dir: Path, event: str, round_: int, fresh: bool) -> None:
+    """Appends this process's code to the run's ``provenance.jsonl``; warns when it differs from the
+    run's first record. A file that cannot be written costs a warning, never the run."""
+    try:
+        first = provenance.read(out_dir)[:1]
+        changed = provenance.append(out_dir, event, round_, fresh=fresh)
+    except OSError as e:
+        log.warning("could not record the code in %s: %s", out_dir / provenance.FILE, e)
+        return
+    if changed:
+        since = "it started with" if first[0].get("event") == "start" else "at its first recorded resume"
+        log.warning("%s is resumed under other code than %s (%s): its rounds before and after mix the two "
+                    "(%s)", out_dir, since, "; ".join(changed), provenance.FILE)
+
+
 def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
     """Starts a run in ``out_dir`` (created; must not hold another run's checkpoints).
 
@@ -607,7 +622,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, progress=None, *, plots: boo
         partition = None
         if is_main_process():
             save_config(cfg, out_dir)
-            provenance.append(out_dir, "start", 0)
+            _record_code(out_dir, "start", 0, fresh=True)
             # partition.json and .png are drawn beside the compilation (XLA works outside the GIL)
             partition = side.submit(write_partition, exp, out_dir, plot=plots)
         summary = train_loop(exp, out_dir, exp.initial, [], progress, started)
@@ -645,11 +660,8 @@ def resume(out_dir: str | Path, progress=None, *, plots: bool = True) -> dict:
             check_untouched(state.trainable["lora"], cached)
         history = meta["history"]
         log.info("resuming %s from checkpoint %d", out_dir, step)
-    if is_main_process():
-        changed = provenance.append(out_dir, "resume", 0 if found is None else found[0])
-        if changed:
-            log.warning("%s is resumed under other code than it started with (%s): its rounds before and "
-                        "after mix the two (%s)", out_dir, "; ".join(changed), provenance.FILE)
+    if is_main_process():   # with no usable checkpoint the run starts over: a fresh record
+        _record_code(out_dir, "resume", 0 if found is None else found[0], fresh=found is None)
     summary = train_loop(exp, out_dir, state, history, progress, started)
     return _finish(out_dir, summary, started, plots)
 

@@ -230,25 +230,28 @@ def _paired_section(study: Study, setting: str, runs: dict, methods: list, ref: 
 
 def code_line(run_dirs: Sequence[Path]) -> str:
     """Which code made the finished runs among ``run_dirs`` (their ``provenance.jsonl``): each commit (with
-    ``+dirty`` for uncommitted changes) and jax version with its run count, runs resumed under other code
-    than they started with, and runs that predate the record."""
+    ``+dirty`` for uncommitted changes) and package source hash with jax version and run count, runs resumed
+    under other code than their first record, and runs whose start predates the record."""
     versions, mixed, unrecorded = {}, 0, 0
     for d in run_dirs:
         if not (Path(d) / "summary.json").is_file():
             continue
         lines = provenance.read(d)
+        if not lines or lines[0].get("event") != "start":
+            unrecorded += 1   # its first rounds ran before runs recorded their code
         if not lines:
-            unrecorded += 1
             continue
         mixed += any(provenance.changes(lines[0], x) for x in lines[1:])
-        for key in {(str(x.get("git"))[:7] + ("+dirty" if x.get("dirty") else ""), x.get("jax")) for x in lines}:
+        for key in {(str(x.get("git"))[:7] + ("+dirty" if x.get("dirty") else ""), x.get("source"), x.get("jax"))
+                    for x in lines}:
             versions[key] = versions.get(key, 0) + 1
-    parts = [f"`{git}` with jax {jax} ({n} run{'s' * (n != 1)})" for (git, jax), n in sorted(versions.items())]
+    parts = [f"`{git}` (source `{src}`) with jax {jax} ({n} run{'s' * (n != 1)})"
+             for (git, src, jax), n in sorted(versions.items(), key=str)]
     if mixed:
         parts.append(f"**{mixed} run{'s' * (mixed != 1)} resumed under other code than {'they' if mixed != 1 else 'it'} "
-                     f"started with**")
+                     f"first recorded**")
     if unrecorded:
-        parts.append(f"{unrecorded} run{'s' * (unrecorded != 1)} made before runs recorded their code")
+        parts.append(f"{unrecorded} run{'s' * (unrecorded != 1)} started before runs recorded their code")
     return "Code (provenance.jsonl): " + ("; ".join(parts) or "no finished run") + "."
 
 

@@ -32,7 +32,7 @@ the runs at positions I, I+N, ... of each stage; see :func:`sweep`).
 
 Everything here is deterministic: a finished run (``summary.json`` present, same config) is
 skipped; an interrupted one is resumed from its checkpoint; the report is a pure function of
-the runs' ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` files, so a rerun of a finished
+the runs' ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``provenance.jsonl`` files, so a rerun of a finished
 study rewrites ``report.md`` byte for byte.
 """
 from __future__ import annotations

@@ -61,7 +61,8 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     from hfl_jax import __version__, provenance
     (line,) = provenance.read(smoke_run)   # which code ran it: one line per start/resume
     assert line["event"] == "start" and line["round"] == 0 and line["hfl_jax"] == __version__
-    assert set(provenance.CODE_KEYS) <= set(line) and line["backend"] == "cpu"
+    import jax
+    assert set(provenance.CODE_KEYS) <= set(line) and line["backend"] == jax.default_backend()
     assert line["git"] is None or len(line["git"]) == 40
     steps = sorted(int(p.name) for p in (smoke_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [ROUNDS - 1, ROUNDS]   # keep: 2
@@ -129,6 +130,8 @@ def test_resume_without_checkpoint_says_it_starts_from_round_0(smoke_run, tmp_pa
     shutil.rmtree(run / "checkpoints")
     r = hfl("resume", run, "--quiet", env={"HFL_FAULT_KILL_ROUND": "1"})   # one round is enough
     assert "no usable checkpoint" in r.stderr and "starting from round 0" in r.stderr, r.stderr
+    from hfl_jax import provenance
+    assert [(x["event"], x["round"]) for x in provenance.read(run)] == [("resume", 0)]   # starts over: fresh
 
 
 def test_resume_after_a_config_edit_moves_no_good_checkpoint_aside(smoke_run, tmp_path):
@@ -219,17 +222,17 @@ def test_resuming_a_finished_run_adds_no_round(smoke_run, tmp_path):
 
 
 def test_resume_under_other_code_warns_and_records_it(smoke_run, tmp_path):
-    """A run resumed under another commit than it started with says so in one warning and keeps both lines."""
+    """A run resumed under other package sources than it started with says so in one warning, keeping both lines."""
     import shutil
     copy = tmp_path / "moved"
     shutil.copytree(smoke_run, copy)
     (first,) = [json.loads(x) for x in (copy / "provenance.jsonl").read_text().splitlines()]
-    first["git"] = "0" * 40
+    first["source"] = "0" * 16
     (copy / "provenance.jsonl").write_text(json.dumps(first) + "\n")
     r = hfl("resume", copy, "--quiet")   # finished: no round runs, the code is still recorded
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "under other code" in line]
-    assert len(warned) == 1 and f"git: {'0' * 40} ->" in warned[0], r.stderr
+    assert len(warned) == 1 and f"source: {'0' * 16} ->" in warned[0] and "it started with" in warned[0], r.stderr
     lines = [json.loads(x) for x in (copy / "provenance.jsonl").read_text().splitlines()]
     assert [x["event"] for x in lines] == ["start", "resume"] and lines[1]["round"] == ROUNDS
 
