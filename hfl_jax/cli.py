@@ -164,7 +164,15 @@ def cmd_sweep(args) -> int:
     except ValueError as e:
         return _fail(f"--shard: {e}")
     if not args.report_only:
-        sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard, plots=not args.no_plots)
+        planned = sweep.sweep(study, notify=notify, dry_run=args.dry_run, shard=shard, plots=not args.no_plots)
+        if args.dry_run:
+            counts = {k: sum(1 for _, s in planned if s == k) for k in ("done", "partial", "new")}
+            seconds, based_on = sweep.remaining_time(planned)
+            eta = (f"; about {seconds / 3600:.1f} run-hours left (each unfinished run at the median wall time of "
+                   f"its finished peers, {based_on} finished runs; shards running side by side share them)"
+                   if seconds is not None else "")
+            print(f"{counts['done']} done, {counts['partial']} partial, {counts['new']} new of {len(planned)}"
+                  f"{' (this shard)' if shard[1] > 1 else ''}{eta}", flush=True)
         if shard[1] > 1 and not args.dry_run and not sweep.tuning_finished(study):
             print(f"shard {shard[0]}/{shard[1]}: tuning runs of other shards are unfinished; "
                   "rerun this command once they are to run this shard's final runs", flush=True)

@@ -338,6 +338,38 @@ def tuning_finished(study: Study) -> bool:
     return all((run.out / "summary.json").is_file() for run in tuning_runs(study))
 
 
+def remaining_time(planned: list[tuple[Run, str]]) -> tuple[float | None, int]:
+    """Estimated wall seconds of the unfinished runs among ``planned`` (``[(run, status)]``, as
+    :func:`sweep` returns), and how many finished runs the estimate rests on (``None`` seconds: none).
+
+    Each unfinished run counts the median ``wall_time`` (its ``summary.json``) of the finished runs of its
+    (setting, method), else of its setting, else of all of them; a partial run only the share of rounds
+    it has left (its ``metrics.jsonl`` lines against those runs' median ``rounds``). Runs that ran side
+    by side took longer each, so the estimate is per process at the concurrency they had."""
+    finished = {}
+    for run, _ in planned:
+        path = run.out / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            finished[run] = (float(summary["wall_time"]), int(summary["rounds"]))
+    if not finished:
+        return None, 0
+    total = 0.0
+    for run, status in planned:
+        if run in finished:
+            continue
+        pool = ([v for r, v in finished.items() if (r.setting, r.method) == (run.setting, run.method)]
+                or [v for r, v in finished.items() if r.setting == run.setting] or list(finished.values()))
+        wall, rounds = float(np.median([w for w, _ in pool])), float(np.median([n for _, n in pool]))
+        left = 1.0
+        metrics = run.out / "metrics.jsonl"
+        if status == "partial" and metrics.is_file():
+            done_rounds = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+            left = max(0.0, 1.0 - done_rounds / max(rounds, 1.0))
+        total += wall * left
+    return total, len(finished)
+
+
 def sweep(study: Study, *, notify: Callable[[str, Run, int, int], None] = lambda *a: None,
           dry_run: bool = False, shard: tuple[int, int] = (0, 1), plots: bool = True) -> list[tuple[Run, str]]:
     """Runs the study's tuning runs, then its final runs (each skipped when finished, resumed when

@@ -59,6 +59,9 @@ def test_sweep_runs_skips_and_rewrites_the_report_identically(tmp_path, capsys):
 
     # an interrupted run (no summary.json) is resumed, and the report is unchanged
     (study.out / "runs/all/fedlora/s1/summary.json").unlink()
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0   # runs nothing; counts and time left
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("8 done, 1 partial, 0 new of 9; about ") and "run-hours left" in last
     assert cli.main(["sweep", str(path)]) == 0
     assert "resume final" in capsys.readouterr().out
     assert (study.out / "report.md").read_bytes() == report
@@ -203,3 +206,26 @@ def test_report_last_k_mean_reads_the_last_k_evaluations():
     assert _last_mean(run, 3) == pytest.approx((0.7 + 0.6 + 0.9) / 3)
     assert _last_mean(run, 9) == pytest.approx((0.5 + 0.7 + 0.6 + 0.9) / 4)
     assert _last_mean({"records": [{"round": 1, "sim_time": 1.0}]}, 3) is None
+
+
+def test_remaining_time_takes_each_runs_finished_peers(tmp_path):
+    """Hand-checked: an unfinished run counts the median wall time of its (setting, method)'s finished runs,
+    else its setting's, else all; a partial run the share of rounds it has left."""
+    def run(setting, method, seed, wall=None, rounds=10, lines=0):
+        out = tmp_path / setting / method / str(seed)
+        out.mkdir(parents=True)
+        if wall is not None:
+            (out / "summary.json").write_text(json.dumps({"wall_time": wall, "rounds": rounds}))
+        if lines:
+            (out / "metrics.jsonl").write_text("{}\n" * lines)
+        status = "done" if wall is not None else ("partial" if lines else "new")
+        return sweep.Run("final", setting, method, seed, None, out), status
+
+    planned = [run("a", "m", 0, wall=100.0), run("a", "m", 1, wall=300.0), run("a", "n", 0, wall=1000.0),
+               run("b", "m", 0, wall=40.0),
+               run("a", "m", 2),                # its method's median: 200
+               run("a", "m", 3, lines=5),       # half its rounds left: 100
+               run("a", "k", 0),                # no finished k in a: the setting's median, of 100, 300, 1000: 300
+               run("c", "z", 0)]                # nothing in c: the median of all four finished: 200
+    assert sweep.remaining_time(planned) == (200.0 + 100.0 + 300.0 + 200.0, 4)
+    assert sweep.remaining_time([run("d", "m", 0)]) == (None, 0)
