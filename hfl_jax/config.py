@@ -75,7 +75,7 @@ class DataConfig:
     length_buckets: Optional[tuple[int, ...]] = None   # ... or exactly these lengths (overrides)
     # Exact speed-up: pack several sequences into each row of a training step and of the eval set
     # (hfl_jax/data/packing.py; results equal up to float reordering), so a step pays for real tokens,
-    # not for padding. BERT/RoBERTa only (others and train.cache_frozen_layers run unpacked). Rows of
+    # not for padding. BERT/RoBERTa and the decoders (DeBERTa and train.cache_frozen_layers run unpacked). Rows of
     # pack_length tokens (default 2 x max_length); one compilation per number of rows a round needs.
     pack: bool = True
     pack_length: Optional[int] = None
