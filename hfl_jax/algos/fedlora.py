@@ -1,7 +1,8 @@
 """FedLoRA: flat FedAvg of LoRA adapters over all devices, full depth, one aggregation per round.
 
 Every device trains every layer's adapters and talks to the cloud directly (no edge tier).
-:func:`flat` is the round shared by the flat baselines (HetLoRA, FFA-LoRA, FlexLoRA): they
+:func:`flat` is the round shared by the flat baselines (HetLoRA, FFA-LoRA, FlexLoRA, FedProx,
+FedSA-LoRA): they
 change what devices train (optimizer, ranks), how the server aggregates, or what crosses
 the link, not the round.
 """

@@ -225,7 +225,7 @@ def grouping_objective(label_counts: np.ndarray, assignment: np.ndarray, *,
     label_counts: [N, C] per-device label counts (rows may be all zero).
     assignment: [N] int group index in [0, K).
     speeds: [N] positive device speeds (e.g. samples/s); None = all equal.
-    lam: weight of the speed-spread term (config ``grouping.lam``).
+    lam: weight of the speed-spread term (config ``algorithm.lam``).
     balance: weight of the sample-balance term.
     num_groups: K; default ``assignment.max() + 1``.
 
@@ -247,6 +247,7 @@ def group_report(label_counts: np.ndarray, assignment: np.ndarray,
     assignment: [N] int group index in [0, K).
     speeds: [N] positive device speeds or None.
     lam: weight of the speed term in ``objective``.
+    balance: weight of the sample-balance term in ``objective``.
     num_groups: K; default ``assignment.max() + 1``.
 
   Returns:
@@ -329,10 +330,10 @@ def group_devices(label_counts: np.ndarray, num_groups: int, *,
     label_counts: [N, C] non-negative per-device label counts.
     num_groups: K, 1 <= K <= N.
     speeds: [N] positive device speeds; None = all equal (no speed term).
-    lam: weight of the speed spread (config ``grouping.lam``); 0 = pure data.
+    lam: weight of the speed spread (config ``algorithm.lam``); 0 = pure data.
     balance: weight of the sample-balance term (config ``algorithm.sample_balance``).
-    min_size: smallest group (``grouping.min_size``); default floor(N/K).
-    max_size: largest group (``grouping.max_size``); default ceil(N/K).
+    min_size: smallest group (no config key); default floor(N/K).
+    max_size: largest group (no config key); default ceil(N/K).
     max_iters: maximum refinement sweeps.
     seed: seeds tie-breaks and sweep order; same seed -> same result.
 

@@ -1,6 +1,7 @@
 """HetLoRA baseline (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
 Foundation Models", 2024): per-device ranks from device capability, rank truncation on
-download, zero-padding aggregation with sparsity (update-norm) weights, rank self-pruning.
+download, zero-padding aggregation with sparsity weights (``algorithm.hetlora.sparsity``: by default the
+adapter's norm ||A'B'||_F, or the update's norm), rank self-pruning.
 
 The flat round is :func:`hfl_jax.algos.fedlora.flat`; the aggregation is
 :class:`hfl_jax.fed.group_aggregators.RankPadded`. Reconstruction notes: docs/algorithm.md.

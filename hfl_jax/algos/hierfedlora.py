@@ -4,10 +4,11 @@ Devices are partitioned into near-IID groups by greedy K-means on label-distribu
 (:func:`hfl_jax.algos.grouping.group_devices`). Every global round, each group's selector
 (R-UCB, :mod:`hfl_jax.algos.rucb`) picks a fine-tuning depth ``d`` and an intra-group
 aggregation frequency ``tau`` within the resource limits; the group's devices train LoRA on
-their top ``d`` layers and aggregate at the group's edge node ``tau`` times; the cloud then
-aggregates layer-wise over groups (:func:`hfl_jax.fed.aggregate.layerwise_aggregate`) and
-each bandit learns from its group's progress per second of the global round (the slowest group's
-time, known once every group has run).
+their top ``d`` layers (or another set, ``algorithm.layer_policy``) and aggregate at the group's
+edge node ``tau`` times; the cloud then aggregates layer-wise over groups
+(:func:`hfl_jax.fed.aggregate.layerwise_aggregate`) and each bandit learns from its group's progress
+per second (the default ``detrended`` reward: of the global round, the slowest group's time, known
+once every group has run; ``ema``: of the group's own time).
 
 Ablations swap one part: random groups, one fixed arm, full depth only.
 """

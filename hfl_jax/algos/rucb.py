@@ -1,11 +1,13 @@
 """R-UCB: resource-constrained, discounted UCB for HierFedLoRA (arXiv 2503.21213).
 
 Each group runs one bandit whose arms are (d, tau) pairs: d is the LoRA depth
-(how many top layers carry adapters, grid ``bandit.depths``) and tau the
-number of intra-group aggregation rounds per global round (grid
-``bandit.taus``). Every round the group picks a feasible arm (memory and time
-within the group's budgets), trains with it, and feeds back a reward (loss
-decrease per simulated second, ``reward_from_progress``).
+(how many layers carry adapters -- the top ones, or another set under ``algorithm.layer_policy`` --
+grid ``algorithm.depths``) and tau the number of intra-group aggregation rounds per global round
+(grid ``algorithm.taus``). Every round the group picks a feasible arm (memory and time within the
+group's budgets), trains with it, and feeds back a reward (``algorithm.bandit.reward``: the default
+``detrended``, the log of the loss decrease per second of the global round, ``log_rate``, fitted
+against a trend common to the arms; ``ema``, the loss decrease per second of the group's own time
+over a moving reference, ``reward_from_progress``).
 
 The index is discounted UCB (Garivier & Moulines, 2011) with an overrun
 penalty; the exact form in the paper is not public in what we have, so the
@@ -317,7 +319,7 @@ def log_rate(loss_before: float, loss_after: float, round_time: float,
 
 def make_arms(depths: Sequence[int], taus: Sequence[int]
               ) -> tuple[np.ndarray, np.ndarray]:
-  """Arm grid from ``bandit.depths`` x ``bandit.taus`` (depth-major).
+  """Arm grid from ``algorithm.depths`` x ``algorithm.taus`` (depth-major).
 
   Returns:
     (arm_depths [A] int64, arm_taus [A] int64), A = len(depths) * len(taus);
