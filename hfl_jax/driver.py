@@ -595,7 +595,7 @@ def _record_code(out_dir: Path, event: str, round_: int, fresh: bool) -> None:
     try:
         first = provenance.read(out_dir)[:1]
         changed = provenance.append(out_dir, event, round_, fresh=fresh)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001  (a record, never a reason to fail a run)
         log.warning("could not record the code in %s: %s", out_dir / provenance.FILE, e)
         return
     if changed:
