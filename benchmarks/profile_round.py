@@ -63,10 +63,9 @@ def _is_product(name: str, kind: str) -> bool:
 CONTROL_FLOW = ("while", "conditional", "call")   # thunks that run other thunks: not counted twice
 
 
-def _jax_round(a):
-    """The compiled hfl_jax group round and its arguments, warmed up 3 rounds; HLO instruction -> (shape,
-    kind, JAX op_name) for mapping the trace's thunks back."""
-    setup, w = _setup(a)
+def _jax_round(a, setup, w):
+    """The compiled hfl_jax group round of ``_setup``'s model and work, and its arguments, warmed up 3
+    rounds; HLO instruction -> (shape, kind, JAX op_name) for mapping the trace's thunks back."""
     L = setup.model.num_layers
     data, trainable, ids, weights, key = rs._inputs(setup, w, 0)
     fn = make_group_round(setup.model, optax.adam(1e-3), depth=L, local_steps=a.E, batch_size=a.B, n_max=data.n_max)
@@ -139,7 +138,7 @@ def main(argv=None):
         return profile_torch(a)
     if a.bound:
         return bound(a)
-    compiled, args, info = _jax_round(a)
+    compiled, args, info = _jax_round(a, *_setup(a))
     thunks = _jax_thunks(compiled, args, info, a.rounds)
     by_cat, by_op, count = collections.Counter(), collections.Counter(), collections.Counter()
     for e in thunks:
@@ -170,13 +169,12 @@ def main(argv=None):
 TORCH_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
-def _torch_round(a):
+def _torch_round(a, setup, w):
     """One round of the eager ``torch.func.vmap`` peer, or with ``--peer peft`` the PyTorch + PEFT client loop
-    (each under autocast for bf16), warmed up 3 rounds."""
+    (each under autocast for bf16), of ``_setup``'s model and work, warmed up 3 rounds."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    setup, w = _setup(a)
     autocast = a.compute_dtype == "bfloat16"
     if a.peer == "peft":
         _, one_round = rs.make_torch_peft_round(setup, w, 0, torch.device("cpu"), autocast=autocast)
@@ -198,7 +196,7 @@ def _torch_rows(one_round, rounds: int) -> list[tuple[str, float, int]]:
 
 
 def profile_torch(a) -> None:
-    rows = _torch_rows(_torch_round(a), a.rounds)
+    rows = _torch_rows(_torch_round(a, *_setup(a)), a.rounds)
     per = 1e3 * a.rounds
     total = sum(t for _, t, _ in rows)
     prod = sum(t for k, t, _ in rows if k in TORCH_PRODUCTS)
@@ -211,14 +209,19 @@ def profile_torch(a) -> None:
         print(f"{t / per:8.2f} ms {c // a.rounds:5d}x  {k}")
 
 
-def _wall(fn, rounds: int) -> float:
-    """Median wall seconds of ``rounds`` unprofiled calls of ``fn``."""
+def _times(fn, calls: int) -> list[float]:
+    """Wall seconds of each of ``calls`` calls of ``fn``."""
     times = []
-    for _ in range(rounds):
+    for _ in range(calls):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def _wall(fn, rounds: int) -> float:
+    """Median wall seconds of ``rounds`` unprofiled calls of ``fn``."""
+    return statistics.median(_times(fn, rounds))
 
 
 def product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
@@ -227,13 +230,9 @@ def product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
     dtype = jnp.bfloat16 if bf16 else jnp.float32
     x = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    jax.block_until_ready(f(x, x))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x, x))
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    call = lambda: jax.block_until_ready(f(x, x))  # noqa: E731
+    call()
+    return 2 * n ** 3 / min(_times(call, repeats))
 
 
 def torch_product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
@@ -242,12 +241,7 @@ def torch_product_peak(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
 
     x = torch.ones((n, n), dtype=torch.bfloat16 if bf16 else torch.float32)
     torch.matmul(x, x)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.matmul(x, x)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / min(_times(lambda: torch.matmul(x, x), repeats))
 
 
 def bound(a) -> None:
@@ -264,9 +258,9 @@ def bound(a) -> None:
     the cost model's forward and backward products) at the best 2048^3 product either library reaches in
     the round's precision, measured before and after."""
     target = a.target or (1.2 if a.compute_dtype == "bfloat16" else 1.0)
-    compiled, args, info = _jax_round(a)
-    one_round = _torch_round(a)
-    setup, w = _setup(a)
+    setup, w = _setup(a)   # one model for both sides
+    compiled, args, info = _jax_round(a, setup, w)
+    one_round = _torch_round(a, setup, w)
     flops = w.flops(setup.model.cfg)
     bf16 = a.compute_dtype == "bfloat16"
     peaks = [product_peak(bf16), torch_product_peak(bf16)]

@@ -593,13 +593,14 @@ def _record_code(out_dir: Path, event: str, round_: int, fresh: bool) -> None:
     """Appends this process's code to the run's ``provenance.jsonl``; warns when it differs from the
     run's first record. A file that cannot be written costs a warning, never the run."""
     try:
-        first = provenance.read(out_dir)[:1]
         changed = provenance.append(out_dir, event, round_, fresh=fresh)
+        # only appended lines differ from the first, so the file's first line is still the run's first record
+        since = ("it started with" if changed and provenance.read(out_dir)[0].get("event") == "start"
+                 else "at its first recorded resume")
     except Exception as e:  # noqa: BLE001  (a record, never a reason to fail a run)
         log.warning("could not record the code in %s: %s", out_dir / provenance.FILE, e)
         return
     if changed:
-        since = "it started with" if first[0].get("event") == "start" else "at its first recorded resume"
         log.warning("%s is resumed under other code than %s (%s): its rounds before and after mix the two "
                     "(%s)", out_dir, since, "; ".join(changed), provenance.FILE)
 

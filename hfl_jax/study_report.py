@@ -260,15 +260,15 @@ def study_report(study: Study) -> str:
     tune = tuning_runs(study)
     tune_done = all((r.out / "summary.json").is_file() for r in tune)
     chosen, scores = choose(study, finished_only=True) if study.tune else ({}, {})
-    runs = _load(final_runs(study, chosen)) if (tune_done or not study.tune) else {}
-    n_final = len(final_runs(study, chosen)) if (tune_done or not study.tune) else None
+    finals = final_runs(study, chosen) if (tune_done or not study.tune) else None   # None: wait for the tuning
+    runs = _load(finals) if finals is not None else {}
+    n_final = len(finals) if finals is not None else None
     lines = [f"# Study `{study.name}`", "",
              f"Runs: {len(tune)} tuning" + (f", {sum(len(v) for v in runs.values())} of {n_final} final finished"
                                             if n_final is not None else ", final runs wait for the tuning") + ".",
              f"Seeds: {', '.join(map(str, study.seeds))} (methods may use fewer, as listed). "
              f"Targets: {', '.join(f'{t:.2f}' for t in study.targets) or 'none'}.",
-             code_line([r.out for r in tune] + [r.out for r in final_runs(study, chosen)]
-                       if (tune_done or not study.tune) else [r.out for r in tune]), ""]
+             code_line([r.out for r in tune + (finals or [])]), ""]
     for s, _ in study.settings:
         lines += setting_section(study, s, runs, scores, chosen)
     return "\n".join(lines).rstrip() + "\n"
