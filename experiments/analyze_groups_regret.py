@@ -1,7 +1,7 @@
 """Two analyses the study report does not make (issue 29): how near-IID the groups were, and what the bandit
 gave up against the best fixed arm in hindsight.
 
-    python experiments/analyze_groups_regret.py experiments/studies/scale.yaml [--out FILE.md]
+    python experiments/analyze_groups_regret.py experiments/studies/scale.yaml [--out FILE.md] [--pair A:B ...]
 
 Per setting of the study, over its finished final runs:
 
@@ -9,11 +9,17 @@ Per setting of the study, over its finished final runs:
   (``partition.json``: ``groups.mean_kl``, computed on the *true* histograms whatever the grouping was built
   from), per method: mean and 95% t-interval over seeds. Lower = groups closer to IID.
 * **Regret of a bandit method** (every method whose runs pulled more than one arm) against the fixed arms
-  (methods ``hierfedlora_fixed``): the best fixed arm in hindsight is the one with the highest mean, over
-  its seeds, of the mean evaluation accuracy of the last ``k`` rounds (the study's tuning ``last``). Regret
-  per round = the best arm's mean accuracy at round ``r`` minus the bandit's (same seeds' means), averaged
+  of the bandit's grid (methods ``hierfedlora_fixed`` with the top layers, the default policy; arms with other
+  layer sets are not in the grid and are compared with ``--pair``): the best fixed arm in hindsight is the one with the highest mean, over
+  the seeds that the bandit method and every fixed arm have, of the mean evaluation accuracy of the last
+  ``k`` rounds (the study's tuning ``last``). Regret per round = the best arm's accuracy at round ``r``
+  minus the bandit's, averaged over those seeds (paired: same partitions) and
   over rounds; also at equal simulated time (the accuracy each reaches by the bandit run's evaluation
-  times, :func:`hfl_jax.study_report.accuracy_at`). Positive: the fixed arm did better.
+  times, :func:`hfl_jax.study_report.accuracy_at`, at the times by which the fixed arm's run has evaluated
+  once). Positive: the fixed arm did better.
+* **Paired comparisons** (``--pair A:B``): method A against method B by seed -- the difference in the
+  last-k mean and in the mean of the second half of the evaluations (mean and 95% t-interval over the
+  common seeds), and per target how many seeds reach it and A's time over B's.
 
 Pure functions of the run directories; prints markdown (and writes it with ``--out``).
 """
@@ -29,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfl_jax import report as run_report  # noqa: E402
-from hfl_jax.study_report import accuracy_at, ci95  # noqa: E402
+from hfl_jax.study_report import accuracy_at, ci95, time_to  # noqa: E402
 from hfl_jax.sweep import choose, final_runs, load_study  # noqa: E402
 
 
@@ -59,29 +65,61 @@ def pulled_arms(run: dict) -> set:
 
 
 def regret_rows(bandit: dict, fixed: dict, last: int) -> list[list[str]]:
-    """``bandit``/``fixed``: ``{method: {seed: run}}``; one row per bandit method."""
-    def last_mean(runs):
-        return float(np.mean([accuracies(r)[-last:].mean() for r in runs.values()]))
-    best = max(fixed, key=lambda m: last_mean(fixed[m]))
-    best_curve = np.mean([accuracies(r) for r in fixed[best].values()], axis=0)
+    """``bandit``/``fixed``: ``{method: {seed: run}}``; one row per bandit method, over the seeds that it and
+    every fixed arm have (so the best arm is chosen, and compared, on the same partitions)."""
     rows = []
     for m, runs in bandit.items():
-        curves = [accuracies(r) for r in runs.values()]
-        n = min(len(best_curve), *(len(c) for c in curves))
-        per_round = best_curve[:n] - np.mean([c[:n] for c in curves], axis=0)
+        seeds = sorted(set(runs).intersection(*(set(f) for f in fixed.values())))
+        if not seeds:
+            rows.append([m, "no seed run by every fixed arm yet"] + ["-"] * 5)
+            continue
+        def last_mean(rs):
+            return float(np.mean([accuracies(rs[s])[-last:].mean() for s in seeds]))
+        best = max(fixed, key=lambda f: last_mean(fixed[f]))
+        curves = [(accuracies(fixed[best][s]), accuracies(runs[s])) for s in seeds]
+        n = min(min(len(a), len(b)) for a, b in curves)
+        per_round = np.mean([a[:n] - b[:n] for a, b in curves], axis=0)
         by_time = []
-        for r in runs.values():
+        for s in seeds:
+            r, f = runs[s], fixed[best][s]
             times = [rec["sim_time"] for rec in r["records"] if "eval_accuracy" in rec]
-            own = accuracies(r)
-            ref = [np.mean([accuracy_at(f, t) or 0.0 for f in fixed[best].values()]) for t in times]
-            by_time.append(float(np.mean(np.array(ref) - own)))
-        rows.append([m, best, f"{last_mean(fixed[best]):.4f}", f"{last_mean(runs):.4f}",
-                     f"{per_round.mean():+.4f}", f"{per_round[n // 2:].mean():+.4f}", _fmt(by_time)])
+            # compare only where the fixed arm has evaluated once by then (before, its accuracy is
+            # unknown, not 0)
+            diffs = [a - o for a, o in zip((accuracy_at(f, t) for t in times), accuracies(r)) if a is not None]
+            if diffs:
+                by_time.append(float(np.mean(diffs)))
+        rows.append([m, best + f" (seeds {', '.join(map(str, seeds))})", f"{last_mean(fixed[best]):.4f}",
+                     f"{last_mean(runs):.4f}", f"{per_round.mean():+.4f}", f"{per_round[n // 2:].mean():+.4f}",
+                     _fmt(by_time)])
     return rows
 
 
-def analyze(study_path: str) -> str:
+def paired_rows(a: dict, b: dict, last: int, targets=()) -> list[str]:
+    """Method ``a`` against method ``b`` (``{seed: run}`` each), paired by seed (the same partition and
+    initial adapters): mean ± 95% CI over the common seeds of a - b in the mean accuracy of the last ``last``
+    evaluations and of the second half of the evaluations, and the seeds at which each first reaches each
+    target (``a/b`` reached, and a's simulated time over b's, geometric mean, where both reach it)."""
+    seeds = sorted(set(a) & set(b))
+    def half(r):
+        acc = accuracies(r)
+        return float(acc[len(acc) // 2:].mean())
+    cells = [_fmt([float(accuracies(a[s])[-last:].mean() - accuracies(b[s])[-last:].mean()) for s in seeds]),
+             _fmt([half(a[s]) - half(b[s]) for s in seeds])]
+    for t in targets:
+        ta = [time_to(a[s], t) for s in seeds]
+        tb = [time_to(b[s], t) for s in seeds]
+        both = [x / y for x, y in zip(ta, tb) if x is not None and y is not None and y > 0]
+        reach = f"{sum(x is not None for x in ta)}/{sum(y is not None for y in tb)}"
+        cells.append(reach + (f", {float(np.exp(np.mean(np.log(both)))):.2f}x" if both else ""))
+    return cells
+
+
+def analyze(study_path: str, pairs=()) -> str:
     study = load_study(study_path)
+    names = [m for m, _ in study.methods]
+    for name in {x for pair in pairs for x in pair}:
+        if name not in names:
+            raise ValueError(f"--pair: the study has no method {name!r} (it has {', '.join(names)})")
     chosen, _ = choose(study, finished_only=True)
     runs = [r for r in final_runs(study, chosen) if (r.out / "summary.json").is_file()]
     last = study.tune.last if study.tune else 3
@@ -99,7 +137,8 @@ def analyze(study_path: str) -> str:
             lines.append(f"| {m} | {_fmt([group_kl(r.out) for r in seeds.values()])} |")
         loaded = {m: {s: run_report.load_run(r.out) for s, r in seeds.items()} for m, seeds in by_method.items()}
         fixed = {m: rs for m, rs in loaded.items()
-                 if all(r["config"]["algorithm"]["name"] == "hierfedlora_fixed" for r in rs.values())}
+                 if all(r["config"]["algorithm"]["name"] == "hierfedlora_fixed"
+                        and r["config"]["algorithm"].get("layer_policy", "top") == "top" for r in rs.values())}
         bandit = {m: rs for m, rs in loaded.items() if m not in fixed
                   and any(len(pulled_arms(r)) > 1 for r in rs.values())}
         if fixed and bandit:
@@ -109,6 +148,14 @@ def analyze(study_path: str) -> str:
                       "(all rounds) | (second half) | regret at equal simulated time (per seed) |",
                       "|---|---|---:|---:|---:|---:|---:|"]
             lines += ["| " + " | ".join(row) + " |" for row in regret_rows(bandit, fixed, last)]
+        todo = [(x, y) for x, y in pairs if x in loaded and y in loaded]
+        if todo:
+            head = ["method", "against", f"Δ last-{last} mean acc", "Δ second-half mean acc"] + \
+                [f"reach {t:.2f} (seeds a/b), time a/b" for t in study.targets]
+            lines += ["", "### Paired by seed (a - b: mean ± 95% CI half-width over the common seeds)", "",
+                      "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+            lines += ["| " + " | ".join([x, y] + paired_rows(loaded[x], loaded[y], last, study.targets)) + " |"
+                      for x, y in todo]
         lines.append("")
     return "\n".join(lines)
 
@@ -117,8 +164,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--pair", action="append", default=[], metavar="A:B",
+                    help="also compare method A with method B, paired by seed (repeatable)")
     a = ap.parse_args(argv)
-    text = analyze(a.study)
+    pairs = []
+    for p in a.pair:
+        x, sep, y = p.partition(":")
+        if not (sep and x and y):
+            ap.error(f"--pair takes METHOD:METHOD, got {p!r}")
+        pairs.append((x, y))
+    try:
+        text = analyze(a.study, pairs)
+    except ValueError as e:
+        ap.error(str(e))
     print(text)
     if a.out:
         a.out.write_text(text + "\n")
