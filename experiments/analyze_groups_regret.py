@@ -8,18 +8,20 @@ Per setting of the study, over its finished final runs:
 * **Group KL**: each run's mean KL divergence of its groups' pooled label distributions from the global one
   (``partition.json``: ``groups.mean_kl``, computed on the *true* histograms whatever the grouping was built
   from), per method: mean and 95% t-interval over seeds. Lower = groups closer to IID.
-* **Regret of a bandit method** (every method whose runs pulled more than one arm) against the fixed arms
-  of the bandit's grid (methods ``hierfedlora_fixed`` with the top layers, the default policy; arms with other
-  layer sets are not in the grid and are compared with ``--pair``): the best fixed arm in hindsight is the one with the highest mean, over
-  the seeds that the bandit method and every fixed arm have, of the mean evaluation accuracy of the last
-  ``k`` rounds (the study's tuning ``last``). Regret per round = the best arm's accuracy at round ``r``
-  minus the bandit's, averaged over those seeds (paired: same partitions) and
-  over rounds; also at equal simulated time (the accuracy each reaches by the bandit run's evaluation
-  times, :func:`hfl_jax.study_report.accuracy_at`, at the times by which the fixed arm's run has evaluated
-  once). Positive: the fixed arm did better.
+* **Regret of the bandit** -- a method whose runs pulled more than one arm and whose config is a fixed
+  arm's but for being the bandit (``hierfedlora``; not ``random_groups`` or another layer policy) --
+  against the fixed arms of its grid (``hierfedlora_fixed`` with the top layers; arms with other layer sets
+  are compared with ``--pair``), on the seeds that the bandit and every fixed arm share (same partitions).
+  The best fixed arm in hindsight has the highest mean, over those seeds, of the mean accuracy of the last
+  ``k`` evaluations (the study's tuning ``last``). Per seed, regret = the best arm's accuracy minus the
+  bandit's, averaged over all rounds and over the second half, and at equal simulated time (the accuracy
+  each has reached by the bandit's evaluation times, :func:`hfl_jax.study_report.accuracy_at`, only at
+  times between the fixed run's first evaluation and its end); mean and 95% t-interval over the seeds.
+  Positive: the fixed arm did better.
 * **Paired comparisons** (``--pair A:B``): method A against method B by seed -- the difference in the
-  last-k mean and in the mean of the second half of the evaluations (mean and 95% t-interval over the
-  common seeds), and per target how many seeds reach it and A's time over B's.
+  last-k mean (with the paired t-test's p-value, Holm-adjusted over the setting's pairs) and in the mean of
+  the second half of the evaluations (mean and 95% t-interval over the common seeds), per target how many
+  seeds reach it and A's time over B's, A's traffic over B's, and the difference in group KL.
 
 Pure functions of the run directories; prints markdown (and writes it with ``--out``).
 """
@@ -35,8 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfl_jax import report as run_report  # noqa: E402
-from hfl_jax.study_report import _ratio_cell, accuracy_at, ci95, time_to  # noqa: E402
-from hfl_jax.sweep import choose, final_runs, load_study  # noqa: E402
+from hfl_jax.study_report import _ratio_cell, _traffic, accuracy_at, ci95, time_to  # noqa: E402
+from hfl_jax.sweep import choose, final_runs, last_mean, load_study  # noqa: E402
 
 
 def _fmt(values, empty: str = "n/a") -> str:
@@ -119,9 +121,9 @@ def regret_rows(bandit: dict, fixed: dict, last: int) -> list[list[str]]:
         if not seeds:
             rows.append([m, "no seed run by every fixed arm yet"] + ["-"] * 5)
             continue
-        def last_mean(rs):
-            return float(np.mean([accuracies(rs[s])[-last:].mean() for s in seeds]))
-        best = max(fixed, key=lambda f: last_mean(fixed[f]))
+        def seeds_mean(rs):
+            return float(np.mean([last_mean(rs[s]["records"], last) for s in seeds]))
+        best = max(fixed, key=lambda f: seeds_mean(fixed[f]))
         all_rounds, second_half, by_time = [], [], []
         for s in seeds:
             r, f = runs[s], fixed[best][s]
@@ -135,14 +137,10 @@ def regret_rows(bandit: dict, fixed: dict, last: int) -> list[list[str]]:
                      for a in [accuracy_at(f, t)] if a is not None]
             if diffs:
                 by_time.append(float(np.mean(diffs)))
-        rows.append([m, best + f" (seeds {', '.join(map(str, seeds))})", f"{last_mean(fixed[best]):.4f}",
-                     f"{last_mean(runs):.4f}", _fmt(all_rounds), _fmt(second_half),
+        rows.append([m, best + f" (seeds {', '.join(map(str, seeds))})", f"{seeds_mean(fixed[best]):.4f}",
+                     f"{seeds_mean(runs):.4f}", _fmt(all_rounds), _fmt(second_half),
                      _fmt(by_time, empty="no common time")])
     return rows
-
-
-def _traffic(run: dict) -> float:
-    return float(sum(r.get("bytes_up", 0.0) + r.get("bytes_down", 0.0) for r in run["records"]))
 
 
 def paired_rows(a: dict, b: dict, last: int, targets=(), a_dirs: dict | None = None,
@@ -162,7 +160,7 @@ def paired_rows(a: dict, b: dict, last: int, targets=(), a_dirs: dict | None = N
     def half(r):
         acc = accuracies(r)
         return float(acc[len(acc) // 2:].mean())
-    last_diffs = [float(accuracies(a[s])[-last:].mean() - accuracies(b[s])[-last:].mean()) for s in seeds]
+    last_diffs = [last_mean(a[s]["records"], last) - last_mean(b[s]["records"], last) for s in seeds]
     p = paired_p(last_diffs)
     cells = [_fmt(last_diffs), _fmt([half(a[s]) - half(b[s]) for s in seeds])]
     for t in targets:
@@ -171,7 +169,8 @@ def paired_rows(a: dict, b: dict, last: int, targets=(), a_dirs: dict | None = N
         both = [x / y for x, y in zip(ta, tb) if x is not None and y is not None and y > 0]
         reach = f"{sum(x is not None for x in ta)}/{sum(y is not None for y in tb)}"
         cells.append(reach + (f", {_ratio_cell(both)}" if both else ""))
-    cells.append(_ratio_cell([_traffic(a[s]) / _traffic(b[s]) for s in seeds if _traffic(b[s]) > 0]))
+    traffic = [(_traffic(a[s])["total"], _traffic(b[s])["total"]) for s in seeds]
+    cells.append(_ratio_cell([x / y for x, y in traffic if y > 0]))
     if a_dirs is not None and b_dirs is not None:
         kl = [(group_kl(a_dirs[s]), group_kl(b_dirs[s])) for s in seeds]
         cells.append(_fmt([x - y for x, y in kl if x is not None and y is not None], empty="- (one group)"))
